@@ -1,0 +1,76 @@
+/**
+ * The `volrep` command. Every user error is one line on stderr and exit code 2; a runtime failure
+ * is one line and exit code 1; never a stack trace (set VOLREP_DEBUG=1 to see one).
+ */
+import { Command, CommanderError, Option } from 'commander';
+import { EXIT_RUNTIME, EXIT_USAGE, VolrepError } from '../util/errors.js';
+import { runCreate } from './create.js';
+import { runDemo } from './demo.js';
+import { runPrimary } from './primary.js';
+
+function buildProgram(): Command {
+  const program = new Command('volrep')
+    .description('Asynchronous replication of block volumes, served over NBD')
+    .version('0.1.0')
+    .exitOverride()
+    .showHelpAfterError('(run with --help for usage)')
+    .configureOutput({ outputError: (text, write) => write(`${text.split('\n')[0]}\n`) });
+
+  program
+    .command('create')
+    .description('create (or adopt) a volume and its metadata directory')
+    .requiredOption('--volume <path>', 'volume file or block device')
+    .requiredOption('--size <size>', 'volume size, e.g. 256M, 1G')
+    .option('--region-size <size>', 'region size (power of two, 4K..16M)', '64K')
+    .option('--log-size <size>', 'transaction log size', '64M')
+    .option('--meta <dir>', 'metadata directory (default: <volume>.volrep)')
+    .option('--force', 'replace existing metadata', false)
+    .action(runCreate);
+
+  program
+    .command('primary')
+    .description('serve the volume over NBD')
+    .requiredOption('--volume <path>', 'volume file or block device')
+    .option('--meta <dir>', 'metadata directory (default: <volume>.volrep)')
+    .option('--nbd <host:port>', 'NBD listen address', '127.0.0.1:10809')
+    .option('--export <name>', 'NBD export name', 'volrep')
+    .option('--http <host:port>', 'serve /status and /metrics on this address')
+    .addOption(new Option('--read-only', 'refuse writes').default(false))
+    .action(runPrimary);
+
+  program
+    .command('demo')
+    .description('create a volume in a temporary directory, serve it, write and verify a workload')
+    .option('--size <size>', 'demo volume size', '256M')
+    .option('--keep', 'keep the temporary directory', false)
+    .action(runDemo);
+
+  return program;
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const program = buildProgram();
+  try {
+    await program.parseAsync(argv);
+    return 0;
+  } catch (err) {
+    if (err instanceof CommanderError) {
+      if (
+        err.code === 'commander.helpDisplayed' ||
+        err.code === 'commander.version' ||
+        err.code === 'commander.help'
+      ) {
+        return 0;
+      }
+      return EXIT_USAGE; // commander already printed the one-line reason
+    }
+    if (err instanceof VolrepError) {
+      process.stderr.write(`volrep: ${err.message}\n`);
+      if (process.env.VOLREP_DEBUG) process.stderr.write(`${err.stack}\n`);
+      return err.exitCode;
+    }
+    process.stderr.write(`volrep: ${(err as Error).message ?? String(err)}\n`);
+    if (process.env.VOLREP_DEBUG) process.stderr.write(`${(err as Error).stack}\n`);
+    return EXIT_RUNTIME;
+  }
+}

@@ -1,0 +1,315 @@
+/**
+ * The NBD server: accepts connections, runs the negotiation, then serves requests from a
+ * BlockDevice with many requests in flight per connection and replies sent as each completes
+ * (batched per event-loop turn with cork/uncork). A malformed handshake or frame closes that
+ * connection only.
+ */
+import net from 'node:net';
+import type { Logger } from 'pino';
+import { ChunkQueue } from './chunks.js';
+import type { BlockDevice } from './device.js';
+import { type ExportInfo, Handshake, type NegotiatedSession } from './handshake.js';
+import * as P from './protocol.js';
+import { encodeBlockStatus, encodeReply, readReplyPrefixBytes, writeReadReplyPrefix } from './replies.js';
+import { type Request, RequestParser } from './requests.js';
+
+/** Requests in flight per connection before we stop reading from it (backpressure). */
+export const IN_FLIGHT_REQUESTS_MAX = 256;
+/** Reply bytes queued on a socket before we stop reading more requests from that client. */
+export const REPLY_BACKLOG_BYTES_MAX = 64 * 1024 * 1024;
+/** A client that has not finished negotiating within this time is disconnected. */
+export const HANDSHAKE_TIMEOUT_MS = 30_000;
+
+export interface RequestStats {
+  /** Called once per request with its command, its payload or data bytes, and its NBD error (0 = ok). */
+  record(command: number, bytes: number, error: number): void;
+}
+
+export interface NbdServerOptions {
+  exportName: string;
+  description?: string;
+  logger: Logger;
+  stats?: RequestStats;
+}
+
+export class NbdServer {
+  private readonly server: net.Server;
+  private readonly connections = new Set<Connection>();
+  private shuttingDown = false;
+  readonly exportInfo: ExportInfo;
+
+  constructor(
+    private readonly device: BlockDevice,
+    private readonly opts: NbdServerOptions,
+  ) {
+    let flags =
+      P.TFLAG_HAS_FLAGS | P.TFLAG_SEND_FLUSH | P.TFLAG_SEND_FUA | P.TFLAG_SEND_DF | P.TFLAG_CAN_MULTI_CONN;
+    if (device.readOnly) flags |= P.TFLAG_READ_ONLY;
+    else flags |= P.TFLAG_SEND_TRIM | P.TFLAG_SEND_WRITE_ZEROES;
+    this.exportInfo = {
+      name: opts.exportName,
+      description: opts.description ?? 'volrep volume',
+      size: device.size,
+      flags,
+    };
+    this.server = net.createServer({ noDelay: true }, (socket) => this.accept(socket));
+  }
+
+  get connectionCount(): number {
+    return this.connections.size;
+  }
+
+  listen(host: string, port: number): Promise<net.AddressInfo> {
+    return new Promise((resolve, reject) => {
+      this.server.once('error', reject);
+      this.server.listen({ host, port, exclusive: true }, () => {
+        this.server.off('error', reject);
+        this.server.on('error', (err) => this.opts.logger.error({ err }, 'nbd listener error'));
+        resolve(this.server.address() as net.AddressInfo);
+      });
+    });
+  }
+
+  /** Stops accepting, lets every connection finish the requests it has, then closes them. */
+  async close(): Promise<void> {
+    this.shuttingDown = true;
+    const closed = new Promise<void>((resolve) => this.server.close(() => resolve()));
+    await Promise.all([...this.connections].map((c) => c.drainAndClose()));
+    await closed;
+  }
+
+  private accept(socket: net.Socket): void {
+    const log = this.opts.logger.child({ client: `${socket.remoteAddress}:${socket.remotePort}` });
+    if (this.shuttingDown) {
+      socket.destroy();
+      return;
+    }
+    const connection = new Connection(
+      socket,
+      this.device,
+      this.exportInfo,
+      log,
+      this.opts.stats,
+      () => this.shuttingDown,
+    );
+    this.connections.add(connection);
+    socket.once('close', () => this.connections.delete(connection));
+  }
+}
+
+type Phase = 'handshake' | 'transmission' | 'closing';
+
+class Connection {
+  private readonly queue = new ChunkQueue();
+  private phase: Phase = 'handshake';
+  private readonly handshake: Handshake;
+  private parser: RequestParser | undefined;
+  private session: NegotiatedSession = { structuredReplies: false, baseAllocationId: 0 };
+  private inFlight = 0;
+  private corked = false;
+  private paused = false;
+  private readonly handshakeTimer: NodeJS.Timeout;
+  private onIdle: (() => void) | undefined;
+
+  constructor(
+    private readonly socket: net.Socket,
+    private readonly device: BlockDevice,
+    exportInfo: ExportInfo,
+    private readonly log: Logger,
+    private readonly stats: RequestStats | undefined,
+    isShuttingDown: () => boolean,
+  ) {
+    this.handshake = new Handshake(exportInfo, isShuttingDown);
+    this.handshakeTimer = setTimeout(() => this.abort('negotiation timed out'), HANDSHAKE_TIMEOUT_MS);
+    socket.on('data', (chunk: Buffer) => {
+      this.queue.push(chunk);
+      this.pump();
+    });
+    socket.on('error', (err) => log.debug({ err }, 'nbd socket error'));
+    socket.on('close', () => {
+      clearTimeout(this.handshakeTimer);
+      this.phase = 'closing';
+      this.onIdle?.();
+    });
+    socket.on('drain', () => this.maybeResume());
+    this.send(this.handshake.greeting());
+    log.debug('nbd client connected');
+  }
+
+  /** Finishes requests already received, then closes; used on DISC and on server shutdown. */
+  drainAndClose(): Promise<void> {
+    if (this.socket.destroyed) return Promise.resolve();
+    if (this.phase === 'handshake') {
+      this.socket.destroy();
+      return Promise.resolve();
+    }
+    this.phase = 'closing';
+    this.socket.pause();
+    return new Promise((resolve) => {
+      const finish = () => {
+        this.onIdle = undefined;
+        if (!this.socket.destroyed) this.socket.end();
+        this.socket.once('close', () => resolve());
+        if (this.socket.destroyed) resolve();
+      };
+      if (this.inFlight === 0) finish();
+      else this.onIdle = finish;
+    });
+  }
+
+  private pump(): void {
+    if (this.phase === 'handshake') {
+      const { output, outcome } = this.handshake.receive(this.queue);
+      for (const buf of output) this.send(buf);
+      if (outcome === undefined) return;
+      clearTimeout(this.handshakeTimer);
+      if (outcome.kind === 'close') {
+        if (outcome.clientError) this.log.warn({ reason: outcome.reason }, 'nbd negotiation refused');
+        this.socket.end();
+        this.phase = 'closing';
+        return;
+      }
+      this.session = outcome.session;
+      this.parser = new RequestParser({
+        size: this.device.size,
+        readOnly: this.device.readOnly,
+        structuredReplies: outcome.session.structuredReplies,
+        baseAllocationId: outcome.session.baseAllocationId,
+      });
+      this.phase = 'transmission';
+      this.log.debug({ structured: outcome.session.structuredReplies }, 'nbd transmission phase');
+    }
+    while (this.phase === 'transmission' && !this.paused) {
+      const event = this.parser!.next(this.queue);
+      if (event === undefined) break;
+      if (event.kind === 'fatal') {
+        this.abort(event.reason);
+        return;
+      }
+      if (event.kind === 'rejected') {
+        this.stats?.record(event.request.command, 0, event.error);
+        this.log.debug({ command: event.request.command, reason: event.message }, 'nbd request rejected');
+        this.send(
+          encodeReply(event.request.handle, event.error, this.session.structuredReplies, event.message),
+        );
+        continue;
+      }
+      this.execute(event.request);
+      if (this.inFlight >= IN_FLIGHT_REQUESTS_MAX || this.socket.writableLength > REPLY_BACKLOG_BYTES_MAX) {
+        this.paused = true;
+        this.socket.pause();
+      }
+    }
+  }
+
+  private maybeResume(): void {
+    if (!this.paused || this.phase !== 'transmission') return;
+    if (
+      this.inFlight < IN_FLIGHT_REQUESTS_MAX / 2 &&
+      this.socket.writableLength <= REPLY_BACKLOG_BYTES_MAX / 2
+    ) {
+      this.paused = false;
+      this.socket.resume();
+      this.pump();
+    }
+  }
+
+  private execute(req: Request): void {
+    const fua = (req.flags & P.CMD_FLAG_FUA) !== 0;
+    const structured = this.session.structuredReplies;
+    switch (req.command) {
+      case P.CMD_READ: {
+        const prefix = readReplyPrefixBytes(structured);
+        const buf = Buffer.allocUnsafe(prefix + req.length);
+        this.begin();
+        this.device.read(req.offset, req.length, buf, prefix, (err) => {
+          if (err) return this.fail(req, err);
+          writeReadReplyPrefix(buf, req.handle, req.offset, req.length, structured);
+          this.complete(req, req.length, buf);
+        });
+        return;
+      }
+      case P.CMD_WRITE:
+        this.begin();
+        this.device.write(req.offset, req.payload, req.length, fua, (err) =>
+          err ? this.fail(req, err) : this.complete(req, req.length),
+        );
+        return;
+      case P.CMD_WRITE_ZEROES:
+        this.begin();
+        this.device.writeZeroes(req.offset, req.length, fua, (err) =>
+          err ? this.fail(req, err) : this.complete(req, req.length),
+        );
+        return;
+      case P.CMD_TRIM:
+        this.begin();
+        this.device.trim(req.offset, req.length, fua, (err) =>
+          err ? this.fail(req, err) : this.complete(req, req.length),
+        );
+        return;
+      case P.CMD_FLUSH:
+        this.begin();
+        this.device.flush((err) => (err ? this.fail(req, err) : this.complete(req, 0)));
+        return;
+      case P.CMD_BLOCK_STATUS: {
+        this.begin();
+        const length = Math.min(req.length, this.device.size - req.offset);
+        this.complete(req, 0, encodeBlockStatus(req.handle, this.session.baseAllocationId, length));
+        return;
+      }
+      case P.CMD_DISC:
+        this.stats?.record(req.command, 0, 0);
+        this.log.debug('nbd client disconnecting');
+        void this.drainAndClose();
+        return;
+    }
+  }
+
+  private begin(): void {
+    this.inFlight++;
+  }
+
+  private complete(req: Request, bytes: number, reply?: Buffer): void {
+    this.inFlight--;
+    this.stats?.record(req.command, bytes, 0);
+    this.send(reply ?? encodeReply(req.handle, 0, this.session.structuredReplies));
+    this.settled();
+  }
+
+  private fail(req: Request, err: Error): void {
+    this.inFlight--;
+    const code = (err as NodeJS.ErrnoException).code === 'ENOSPC' ? P.ENOSPC : P.EIO;
+    this.log.error(
+      { err, command: req.command, offset: req.offset, length: req.length },
+      'nbd request failed',
+    );
+    this.stats?.record(req.command, 0, code);
+    this.send(encodeReply(req.handle, code, this.session.structuredReplies, err.message));
+    this.settled();
+  }
+
+  private settled(): void {
+    if (this.inFlight === 0 && this.onIdle) this.onIdle();
+    else this.maybeResume();
+  }
+
+  /** Queues bytes for the client; everything sent in one event-loop turn leaves in one write. */
+  private send(buf: Buffer): void {
+    if (this.socket.destroyed || this.socket.writableEnded) return;
+    if (!this.corked) {
+      this.corked = true;
+      this.socket.cork();
+      process.nextTick(() => {
+        this.corked = false;
+        this.socket.uncork();
+      });
+    }
+    this.socket.write(buf);
+  }
+
+  private abort(reason: string): void {
+    this.log.warn({ reason }, 'nbd connection closed: protocol error');
+    this.phase = 'closing';
+    this.socket.destroy();
+  }
+}

@@ -1,0 +1,51 @@
+import { promises as fsp } from 'node:fs';
+import path from 'node:path';
+import { errnoCode, VolrepError } from '../util/errors.js';
+
+export const LOCK_FILE = 'lock';
+
+function isAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    // EPERM: the process exists but belongs to someone else.
+    return errnoCode(err) === 'EPERM';
+  }
+}
+
+/**
+ * An exclusive lock on a volume: a file in its metadata directory holding the owner's pid, created
+ * with O_EXCL. A lock whose owner is gone (killed with SIGKILL) is stale and taken over.
+ */
+export class VolumeLock {
+  private constructor(private readonly file: string) {}
+
+  static async acquire(metaDir: string, volumePath: string): Promise<VolumeLock> {
+    const file = path.join(metaDir, LOCK_FILE);
+    for (let attempt = 0; attempt < 3; attempt++) {
+      try {
+        await fsp.writeFile(file, `${process.pid}\n`, { flag: 'wx' });
+        return new VolumeLock(file);
+      } catch (err) {
+        if (errnoCode(err) !== 'EEXIST') throw err;
+      }
+      const owner = Number.parseInt(await fsp.readFile(file, 'utf8').catch(() => ''), 10);
+      if (Number.isInteger(owner) && owner > 0 && owner !== process.pid && isAlive(owner)) {
+        throw new VolrepError(
+          'VOLREP_ERR_LOCKED',
+          `volume ${volumePath} is in use by another volrep process (pid ${owner})`,
+        );
+      }
+      await fsp.rm(file, { force: true });
+    }
+    throw new VolrepError(
+      'VOLREP_ERR_LOCKED',
+      `could not lock volume ${volumePath}: lock file keeps changing`,
+    );
+  }
+
+  async release(): Promise<void> {
+    await fsp.rm(this.file, { force: true });
+  }
+}

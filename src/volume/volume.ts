@@ -1,0 +1,200 @@
+import { constants as fsc, promises as fsp } from 'node:fs';
+import path from 'node:path';
+import { errnoCode, VolrepError } from '../util/errors.js';
+import { formatSize, isPowerOfTwo } from '../util/size.js';
+import { VolumeLock } from './lock.js';
+import {
+  META_FILE,
+  type Meta,
+  newMeta,
+  REGION_SIZE_MAX,
+  REGION_SIZE_MIN,
+  type Role,
+  readMeta,
+  writeMeta,
+} from './meta.js';
+
+export const DEFAULT_REGION_SIZE = 64 * 1024;
+export const DEFAULT_LOG_SIZE = 64 * 1024 * 1024;
+export const LOG_FILE = 'log';
+export const BITMAP_FILE = 'bitmap';
+export const LOG_SIZE_MIN = 64 * 1024;
+
+/** The default metadata directory sits beside the volume: `PATH.volrep/`. */
+export function defaultMetaDir(volumePath: string): string {
+  return `${volumePath}.volrep`;
+}
+
+/** Size in bytes of a regular file or block device. */
+export async function deviceSize(file: string): Promise<number> {
+  const stat = await fsp.stat(file);
+  if (stat.isFile()) return stat.size;
+  if (stat.isBlockDevice()) {
+    // node has no BLKGETSIZE64; the kernel publishes the size in 512-byte sectors.
+    const major = Math.floor(stat.rdev / 256);
+    const minor = stat.rdev % 256;
+    const sectors = await fsp.readFile(`/sys/dev/block/${major}:${minor}/size`, 'utf8');
+    return Number.parseInt(sectors, 10) * 512;
+  }
+  throw new VolrepError('VOLREP_ERR_VOLUME_SIZE', `${file} is neither a regular file nor a block device`);
+}
+
+/** Bytes of one slot of the persistent bitmap: one bit per region, rounded up to 4 KiB. */
+export function bitmapBytes(size: number, regionSize: number): number {
+  const regionCount = Math.ceil(size / regionSize);
+  return Math.ceil(Math.ceil(regionCount / 8) / 4096) * 4096;
+}
+
+export interface CreateOptions {
+  volumePath: string;
+  size: number;
+  regionSize?: number;
+  logSize?: number;
+  metaDir?: string;
+  force?: boolean;
+  role?: Role;
+  volumeId?: string;
+}
+
+/**
+ * Creates (sparse) or adopts the volume and writes a fresh metadata directory. Refuses to replace
+ * existing metadata unless `force`, and refuses an existing volume whose size differs.
+ */
+export async function createVolume(opts: CreateOptions): Promise<Meta> {
+  const regionSize = opts.regionSize ?? DEFAULT_REGION_SIZE;
+  const logSize = opts.logSize ?? DEFAULT_LOG_SIZE;
+  const metaDir = opts.metaDir ?? defaultMetaDir(opts.volumePath);
+  if (!isPowerOfTwo(regionSize) || regionSize < REGION_SIZE_MIN || regionSize > REGION_SIZE_MAX) {
+    throw new VolrepError(
+      'VOLREP_ERR_SIZE',
+      `invalid --region-size ${regionSize}: must be a power of two from 4K to 16M`,
+    );
+  }
+  if (opts.size <= 0 || opts.size % 512 !== 0) {
+    throw new VolrepError(
+      'VOLREP_ERR_SIZE',
+      `invalid --size ${opts.size}: must be a positive multiple of 512`,
+    );
+  }
+  if (logSize < LOG_SIZE_MIN) {
+    throw new VolrepError(
+      'VOLREP_ERR_SIZE',
+      `invalid --log-size ${logSize}: must be at least ${formatSize(LOG_SIZE_MIN)}`,
+    );
+  }
+  const existingMeta = await fsp.stat(path.join(metaDir, META_FILE)).then(
+    () => true,
+    () => false,
+  );
+  if (existingMeta && !opts.force) {
+    throw new VolrepError(
+      'VOLREP_ERR_EXISTS',
+      `${metaDir} already holds volrep metadata; pass --force to replace it (the replica will need a full sync)`,
+    );
+  }
+
+  let volumeExists = true;
+  try {
+    await fsp.stat(opts.volumePath);
+  } catch (err) {
+    if (errnoCode(err) !== 'ENOENT') throw err;
+    volumeExists = false;
+  }
+  if (volumeExists) {
+    const actual = await deviceSize(opts.volumePath);
+    if (actual !== opts.size) {
+      throw new VolrepError(
+        'VOLREP_ERR_VOLUME_SIZE',
+        `${opts.volumePath} exists with size ${actual} bytes, not ${opts.size}; refusing to adopt it`,
+      );
+    }
+  } else {
+    try {
+      const handle = await fsp.open(opts.volumePath, fsc.O_CREAT | fsc.O_EXCL | fsc.O_WRONLY, 0o644);
+      try {
+        await handle.truncate(opts.size);
+        await handle.sync();
+      } finally {
+        await handle.close();
+      }
+    } catch (err) {
+      if (errnoCode(err) === 'ENOENT') {
+        throw new VolrepError(
+          'VOLREP_ERR_NOT_FOUND',
+          `cannot create ${opts.volumePath}: directory does not exist`,
+        );
+      }
+      throw err;
+    }
+  }
+
+  await fsp.mkdir(metaDir, { recursive: true });
+  const meta = newMeta({ size: opts.size, regionSize, logSize, role: opts.role, volumeId: opts.volumeId });
+  // The log and bitmap are reserved at full size now, so a running daemon never runs out of space for them.
+  await reserveFile(path.join(metaDir, LOG_FILE), logSize);
+  await reserveFile(path.join(metaDir, BITMAP_FILE), 2 * bitmapBytes(opts.size, regionSize) + 4096);
+  await writeMeta(metaDir, meta);
+  return meta;
+}
+
+async function reserveFile(file: string, size: number): Promise<void> {
+  const handle = await fsp.open(file, 'w', 0o644);
+  try {
+    await handle.truncate(size);
+    await handle.sync();
+  } finally {
+    await handle.close();
+  }
+}
+
+/** An open, locked volume: the file handle for data and the metadata that describes it. */
+export class Volume {
+  private constructor(
+    readonly path: string,
+    readonly metaDir: string,
+    readonly meta: Meta,
+    readonly fd: number,
+    private readonly handle: fsp.FileHandle,
+    private readonly lock: VolumeLock,
+  ) {}
+
+  static async open(
+    volumePath: string,
+    opts: { metaDir?: string; readOnly?: boolean } = {},
+  ): Promise<Volume> {
+    const metaDir = opts.metaDir ?? defaultMetaDir(volumePath);
+    const meta = await readMeta(metaDir);
+    let actual: number;
+    try {
+      actual = await deviceSize(volumePath);
+    } catch (err) {
+      if (err instanceof VolrepError) throw err;
+      if (errnoCode(err) === 'ENOENT')
+        throw new VolrepError('VOLREP_ERR_NOT_FOUND', `volume ${volumePath} not found`);
+      throw err;
+    }
+    if (actual !== meta.size) {
+      throw new VolrepError(
+        'VOLREP_ERR_VOLUME_SIZE',
+        `volume ${volumePath} is ${actual} bytes but its metadata says ${meta.size}; refusing to serve it`,
+      );
+    }
+    const lock = await VolumeLock.acquire(metaDir, volumePath);
+    try {
+      const handle = await fsp.open(volumePath, opts.readOnly ? 'r' : 'r+');
+      return new Volume(volumePath, metaDir, meta, handle.fd, handle, lock);
+    } catch (err) {
+      await lock.release();
+      throw err;
+    }
+  }
+
+  get size(): number {
+    return this.meta.size;
+  }
+
+  async close(): Promise<void> {
+    await this.handle.close();
+    await this.lock.release();
+  }
+}

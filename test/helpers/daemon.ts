@@ -1,0 +1,110 @@
+/**
+ * Starts volrep daemons as real processes for tests, on 127.0.0.1 with ports the OS picks, and
+ * learns their addresses from the JSON log line they print when ready.
+ */
+import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+export const VOLREP_BIN = path.join(ROOT, 'bin/volrep.js');
+
+export interface CliResult {
+  status: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+/** Runs `volrep ARGS` to completion. */
+export function volrep(args: string[], opts: { cwd?: string } = {}): CliResult {
+  const r = spawnSync(process.execPath, [VOLREP_BIN, ...args], {
+    cwd: opts.cwd,
+    encoding: 'utf8',
+    timeout: 60_000,
+  });
+  return { status: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+
+export interface Daemon {
+  child: ChildProcess;
+  nbd: { host: string; port: number; uri: string };
+  http?: string;
+  /** Everything the daemon has written to stderr so far. */
+  stderr(): string;
+  /** SIGTERM and wait for exit; returns the exit code. */
+  stop(): Promise<number | null>;
+  /** SIGKILL and wait for exit. */
+  kill(): Promise<void>;
+}
+
+/** Starts `volrep primary --volume VOLUME` with NBD (and HTTP if asked) on OS-chosen ports. */
+export async function startPrimary(
+  volume: string,
+  opts: { http?: boolean; extra?: string[] } = {},
+): Promise<Daemon> {
+  const args = ['primary', '--volume', volume, '--nbd', '127.0.0.1:0', ...(opts.extra ?? [])];
+  if (opts.http) args.push('--http', '127.0.0.1:0');
+  const child = spawn(process.execPath, [VOLREP_BIN, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let err = '';
+  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+  const ready = await new Promise<{ nbd: string; http?: string }>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`primary did not start in time:\n${err}`)), 15_000);
+    child.stderr!.setEncoding('utf8');
+    child.stderr!.on('data', (chunk: string) => {
+      err += chunk;
+      for (const line of err.split('\n')) {
+        if (!line.includes('"primary serving"')) continue;
+        clearTimeout(timer);
+        const parsed = JSON.parse(line) as { nbd: string; http?: string };
+        resolve({ nbd: parsed.nbd, http: parsed.http });
+        return;
+      }
+    });
+    child.once('exit', (code) => {
+      clearTimeout(timer);
+      reject(new Error(`primary exited with ${code} before it was ready:\n${err}`));
+    });
+  });
+  child.stdout!.resume();
+  const [host, port] = [
+    ready.nbd.slice(0, ready.nbd.lastIndexOf(':')),
+    Number(ready.nbd.slice(ready.nbd.lastIndexOf(':') + 1)),
+  ];
+  return {
+    child,
+    nbd: { host, port, uri: `nbd://${ready.nbd}/volrep` },
+    http: ready.http,
+    stderr: () => err,
+    async stop() {
+      if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
+      return exited;
+    },
+    async kill() {
+      if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+      await exited;
+    },
+  };
+}
+
+/** A fresh temporary directory, removed by the returned cleanup. */
+export function tempDir(prefix = 'volrep-test-'): { dir: string; cleanup: () => void } {
+  const dir = mkdtempSync(path.join(os.tmpdir(), prefix));
+  return { dir, cleanup: () => rmSync(dir, { recursive: true, force: true }) };
+}
+
+/** Whether an external tool is on PATH; tests that need it skip locally (never in CI) when it is not. */
+export function hasTool(name: string): boolean {
+  return spawnSync('sh', ['-c', `command -v ${name}`]).status === 0;
+}
+
+/**
+ * Skip reason for a test needing `tool`: undefined when present. In CI (CI=true) a missing tool
+ * is a failure, not a skip, so a test can never silently stop running there.
+ */
+export function needTool(tool: string, debianPackage: string): string | undefined {
+  if (hasTool(tool)) return undefined;
+  if (process.env.CI) throw new Error(`${tool} is missing in CI: .ci/run must install ${debianPackage}`);
+  return `${tool} not installed (apt-get install ${debianPackage})`;
+}
