@@ -1,5 +1,8 @@
+import { VolrepError } from '../util/errors.js';
 import { parseSize } from '../util/size.js';
 import { createVolume, defaultMetaDir } from '../volume/volume.js';
+
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 
 export interface CreateFlags {
   volume: string;
@@ -8,9 +11,16 @@ export interface CreateFlags {
   logSize: string;
   meta?: string;
   force: boolean;
+  secondaryOf?: string;
 }
 
 export async function runCreate(flags: CreateFlags): Promise<void> {
+  if (flags.secondaryOf !== undefined && !UUID.test(flags.secondaryOf)) {
+    throw new VolrepError(
+      'VOLREP_ERR_USAGE',
+      `--secondary-of '${flags.secondaryOf}' is not a volume id (a UUID)`,
+    );
+  }
   const meta = await createVolume({
     volumePath: flags.volume,
     size: parseSize(flags.size, '--size'),
@@ -18,9 +28,11 @@ export async function runCreate(flags: CreateFlags): Promise<void> {
     logSize: parseSize(flags.logSize, '--log-size'),
     metaDir: flags.meta,
     force: flags.force,
+    role: flags.secondaryOf === undefined ? 'primary' : 'secondary',
+    volumeId: flags.secondaryOf,
   });
   process.stdout.write(
-    `created volume ${flags.volume} (${meta.size} bytes, regions of ${meta.regionSize} bytes, id ${meta.volumeId})\n` +
+    `created ${meta.role} volume ${flags.volume} (${meta.size} bytes, regions of ${meta.regionSize} bytes, id ${meta.volumeId})\n` +
       `metadata in ${flags.meta ?? defaultMetaDir(flags.volume)}\n`,
   );
 }

@@ -7,6 +7,7 @@ import { EXIT_RUNTIME, EXIT_USAGE, VolrepError } from '../util/errors.js';
 import { runCreate } from './create.js';
 import { runDemo } from './demo.js';
 import { runPrimary } from './primary.js';
+import { runSecondary } from './secondary.js';
 
 function buildProgram(): Command {
   const program = new Command('volrep')
@@ -25,6 +26,10 @@ function buildProgram(): Command {
     .option('--log-size <size>', 'transaction log size', '64M')
     .option('--meta <dir>', 'metadata directory (default: <volume>.volrep)')
     .option('--force', 'replace existing metadata', false)
+    .option(
+      '--secondary-of <volume-id>',
+      "create a replica for the primary volume with this id (see the primary's meta.json)",
+    )
     .action(runCreate);
 
   program
@@ -37,6 +42,15 @@ function buildProgram(): Command {
     .option('--http <host:port>', 'serve /status and /metrics on this address')
     .addOption(new Option('--read-only', 'refuse writes').default(false))
     .action(runPrimary);
+
+  program
+    .command('secondary')
+    .description("receive a primary's replication stream and apply it to the replica")
+    .requiredOption('--volume <path>', 'replica volume file or block device')
+    .option('--meta <dir>', 'metadata directory (default: <volume>.volrep)')
+    .option('--listen <host:port>', 'replication listen address (loopback only for now)', '127.0.0.1:10810')
+    .option('--http <host:port>', 'serve /status and /metrics on this address')
+    .action(runSecondary);
 
   program
     .command('demo')

@@ -1,0 +1,25 @@
+import { createLogger } from '../daemon/logger.js';
+import { startSecondary } from '../daemon/secondary.js';
+import { parseHostPort } from '../util/address.js';
+import { waitForStopSignal } from './primary.js';
+
+export interface SecondaryFlags {
+  volume: string;
+  meta?: string;
+  listen: string;
+  http?: string;
+}
+
+export async function runSecondary(flags: SecondaryFlags): Promise<void> {
+  const listen = parseHostPort(flags.listen, '--listen');
+  const http = flags.http === undefined ? undefined : parseHostPort(flags.http, '--http');
+  const logger = createLogger('volrep-secondary');
+  const secondary = await startSecondary({
+    volumePath: flags.volume,
+    metaDir: flags.meta,
+    listen,
+    http,
+    logger,
+  });
+  await waitForStopSignal(logger, () => secondary.close());
+}

@@ -1,0 +1,213 @@
+/**
+ * The secondary's ordered applier (DESIGN.md I5, H5, H13, H14).
+ *
+ * Updates are applied to the replica strictly in id order. Many updates share one sync: whenever
+ * the applier has caught up with what arrived, it syncs the replica, then durably records the
+ * highest id now on disk, and only then acks that id — so an ack always means durable (H5) and
+ * the recorded id never runs ahead of the data (H14). A barrier (the primary's FLUSH) is a sync
+ * point: nothing after it is written before everything before it is durable (H13). During a
+ * resync the replica is durably marked inconsistent before the first resync byte lands, and
+ * consistent again only after the last one is durable.
+ */
+import type { BlockDevice } from '../nbd/device.js';
+import type { UpdateHeader } from './messages.js';
+
+export interface ReplicaState {
+  /** Highest update id whose data is durable on the replica. */
+  lastAppliedUpdate: number;
+  /** False while a resync is in progress (the replica is not a state the primary ever had). */
+  consistent: boolean;
+}
+
+export interface ReplicaStateStore {
+  write(state: ReplicaState): Promise<void>;
+}
+
+export type ApplierOp =
+  | { kind: 'update'; update: UpdateHeader; data: Buffer[] }
+  | { kind: 'barrier' }
+  | { kind: 'resyncBegin' }
+  | { kind: 'resyncEnd' };
+
+export class Applier {
+  private durable: ReplicaState;
+  private consistentWanted: boolean;
+  /** Highest id written to the replica (durable or not) and highest id accepted into the queue. */
+  private appliedId: number;
+  private acceptedId: number;
+  private readonly queue: ApplierOp[] = [];
+  private queuedBytesCount = 0;
+  /** An op that must finish before the next one starts (a large write, a barrier). */
+  private blocked = false;
+  private syncRunning: Promise<void> | undefined;
+  private syncWanted = false;
+  private failure: Error | undefined;
+  private idleWaiters: (() => void)[] = [];
+  /** Where acks go; swapped when a new primary connects. */
+  onAck: (id: number) => void = () => {};
+  onFailure: (err: Error) => void = () => {};
+
+  constructor(
+    private readonly device: BlockDevice,
+    private readonly store: ReplicaStateStore,
+    initial: ReplicaState,
+  ) {
+    this.durable = { ...initial };
+    this.consistentWanted = initial.consistent;
+    this.appliedId = initial.lastAppliedUpdate;
+    this.acceptedId = initial.lastAppliedUpdate;
+  }
+
+  get state(): ReplicaState {
+    return { ...this.durable };
+  }
+
+  get queuedBytes(): number {
+    return this.queuedBytesCount;
+  }
+
+  get failed(): Error | undefined {
+    return this.failure;
+  }
+
+  /**
+   * Accepts the next op from the stream. Returns a reason if it breaks the stream's rules (the
+   * caller then drops the connection); the op is not applied in that case.
+   */
+  push(op: ApplierOp): string | undefined {
+    if (this.failure) return `replica failed: ${this.failure.message}`;
+    if (op.kind === 'update') {
+      const { id, offset, length } = op.update;
+      if (id <= this.acceptedId) return `update id ${id} is not above the last one (${this.acceptedId})`;
+      if (offset + length > this.device.size) return `update ${id} extends beyond the end of the replica`;
+      this.acceptedId = id;
+      if (op.update.kind === 'data') this.queuedBytesCount += length;
+    }
+    this.queue.push(op);
+    this.pump();
+    return undefined;
+  }
+
+  /** Resolves when everything accepted so far is applied and durable (or the applier failed). */
+  whenIdle(): Promise<void> {
+    if (this.isIdle()) return Promise.resolve();
+    return new Promise((resolve) => this.idleWaiters.push(resolve));
+  }
+
+  private isIdle(): boolean {
+    return (
+      this.failure !== undefined ||
+      (this.queue.length === 0 &&
+        !this.blocked &&
+        this.syncRunning === undefined &&
+        this.appliedId === this.durable.lastAppliedUpdate &&
+        this.consistentWanted === this.durable.consistent)
+    );
+  }
+
+  private pump(): void {
+    while (!this.blocked && this.failure === undefined && this.queue.length > 0) {
+      const op = this.queue.shift()!;
+      if (op.kind === 'update') {
+        this.applyUpdate(op.update, op.data);
+        continue;
+      }
+      if (op.kind === 'resyncBegin') this.consistentWanted = false;
+      if (op.kind === 'resyncEnd') this.consistentWanted = true;
+      // Barrier, and both resync marks: a sync point. Nothing after it is written until everything
+      // before it (and the consistency mark) is durable.
+      this.blocked = true;
+      this.syncAll().then(() => {
+        this.blocked = false;
+        this.pump();
+      });
+    }
+    if (!this.blocked && this.queue.length === 0) this.requestSync();
+    this.notifyIfIdle();
+  }
+
+  private applyUpdate(update: UpdateHeader, data: Buffer[]): void {
+    this.blocked = true;
+    let returned = false;
+    const done = (err: Error | null) => {
+      if (update.kind === 'data') this.queuedBytesCount -= update.length;
+      if (err) return this.fail(err);
+      this.appliedId = update.id;
+      this.blocked = false;
+      // Completed asynchronously: carry on from here. Synchronously: the pump loop carries on.
+      if (returned) this.pump();
+    };
+    if (update.kind === 'data') this.device.write(update.offset, data, update.length, false, done);
+    else if (update.kind === 'zero') this.device.writeZeroes(update.offset, update.length, false, done);
+    else this.device.trim(update.offset, update.length, false, done);
+    returned = true;
+  }
+
+  /** Starts a batch sync if something is not durable yet; batches everything applied by then. */
+  private requestSync(): void {
+    if (this.syncRunning) {
+      this.syncWanted = true;
+      return;
+    }
+    if (
+      this.appliedId === this.durable.lastAppliedUpdate &&
+      this.consistentWanted === this.durable.consistent
+    )
+      return;
+    this.syncRunning = this.syncOnce().finally(() => {
+      this.syncRunning = undefined;
+      if (this.syncWanted) {
+        this.syncWanted = false;
+        this.requestSync();
+      }
+      this.notifyIfIdle();
+    });
+  }
+
+  /** Waits until everything applied so far is durable, starting syncs as needed. */
+  private async syncAll(): Promise<void> {
+    while (this.failure === undefined) {
+      if (this.syncRunning) {
+        await this.syncRunning;
+        continue;
+      }
+      if (
+        this.appliedId === this.durable.lastAppliedUpdate &&
+        this.consistentWanted === this.durable.consistent
+      )
+        return;
+      this.requestSync();
+    }
+  }
+
+  private async syncOnce(): Promise<void> {
+    const target: ReplicaState = { lastAppliedUpdate: this.appliedId, consistent: this.consistentWanted };
+    try {
+      // Data first, then the record that says it is there (H14).
+      await new Promise<void>((resolve, reject) =>
+        this.device.flush((err) => (err ? reject(err) : resolve())),
+      );
+      await this.store.write(target);
+    } catch (err) {
+      this.fail(err as Error);
+      return;
+    }
+    const advanced = target.lastAppliedUpdate > this.durable.lastAppliedUpdate;
+    this.durable = target;
+    if (advanced) this.onAck(target.lastAppliedUpdate);
+  }
+
+  private fail(err: Error): void {
+    if (this.failure) return;
+    this.failure = err;
+    this.blocked = false;
+    this.queue.length = 0;
+    this.onFailure(err);
+    this.notifyIfIdle();
+  }
+
+  private notifyIfIdle(): void {
+    if (this.idleWaiters.length === 0 || !this.isIdle()) return;
+    for (const resolve of this.idleWaiters.splice(0)) resolve();
+  }
+}

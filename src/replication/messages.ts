@@ -1,0 +1,197 @@
+/**
+ * The replication messages carried in frames, with total decoders: a payload that does not have
+ * exactly the expected shape is a protocol error with a reason, never an exception.
+ */
+import { type FrameTypeName, payloadBytes, type RawFrame } from './frames.js';
+
+export type UpdateKind = 'data' | 'zero' | 'trim';
+const KIND_CODES: Record<UpdateKind, number> = { data: 0, zero: 1, trim: 2 };
+const KINDS: UpdateKind[] = ['data', 'zero', 'trim'];
+
+/** Frame flag on an update: it carries resync content rather than a client write. */
+export const UPDATE_FLAG_RESYNC = 1;
+
+export interface Hello {
+  volumeId: string;
+  size: number;
+  regionSize: number;
+  role: 'primary';
+}
+
+export interface Welcome {
+  volumeId: string;
+  size: number;
+  regionSize: number;
+  role: 'secondary';
+  /** Highest update id whose data is durable on the replica (H14). */
+  lastAppliedUpdate: number;
+  consistent: boolean;
+}
+
+export interface UpdateHeader {
+  id: number;
+  offset: number;
+  length: number;
+  kind: UpdateKind;
+  resync: boolean;
+}
+
+export type Message =
+  | { type: 'hello'; hello: Hello }
+  | { type: 'welcome'; welcome: Welcome }
+  | { type: 'refuse'; reason: string }
+  | { type: 'update'; update: UpdateHeader; data: Buffer[] }
+  | { type: 'barrier'; id: number }
+  | { type: 'ack'; id: number }
+  | { type: 'keepAlive' }
+  | { type: 'resyncBegin'; id: number }
+  | { type: 'resyncEnd'; id: number };
+
+export const UPDATE_HEADER_BYTES = 21;
+/** JSON handshake payloads are a few hundred bytes. */
+const JSON_PAYLOAD_BYTES_MAX = 4096;
+
+export function encodeUpdateHeader(u: UpdateHeader): Buffer {
+  const b = Buffer.alloc(UPDATE_HEADER_BYTES);
+  writeU64(b, 0, u.id);
+  writeU64(b, 8, u.offset);
+  b.writeUInt32BE(u.length, 16);
+  b.writeUInt8(KIND_CODES[u.kind], 20);
+  return b;
+}
+
+export function encodeId(id: number): Buffer {
+  const b = Buffer.alloc(8);
+  writeU64(b, 0, id);
+  return b;
+}
+
+export function encodeJson(value: object): Buffer {
+  return Buffer.from(JSON.stringify(value));
+}
+
+export function decodeMessage(frame: RawFrame): Message | { type: 'invalid'; reason: string } {
+  const invalid = (reason: string) => ({ type: 'invalid' as const, reason: `${frame.type}: ${reason}` });
+  switch (frame.type) {
+    case 'hello': {
+      const v = parseJson(frame);
+      if (typeof v === 'string') return invalid(v);
+      if (v.role !== 'primary') return invalid("role is not 'primary'");
+      const common = commonFields(v);
+      if (typeof common === 'string') return invalid(common);
+      return { type: 'hello', hello: { ...common, role: 'primary' } };
+    }
+    case 'welcome': {
+      const v = parseJson(frame);
+      if (typeof v === 'string') return invalid(v);
+      if (v.role !== 'secondary') return invalid("role is not 'secondary'");
+      const common = commonFields(v);
+      if (typeof common === 'string') return invalid(common);
+      if (!isCount(v.lastAppliedUpdate)) return invalid('lastAppliedUpdate is not a count');
+      if (typeof v.consistent !== 'boolean') return invalid('consistent is not a boolean');
+      return {
+        type: 'welcome',
+        welcome: {
+          ...common,
+          role: 'secondary',
+          lastAppliedUpdate: v.lastAppliedUpdate,
+          consistent: v.consistent,
+        },
+      };
+    }
+    case 'refuse': {
+      if (frame.payloadLength > JSON_PAYLOAD_BYTES_MAX) return invalid('reason too long');
+      return { type: 'refuse', reason: payloadBytes(frame).toString('utf8') };
+    }
+    case 'update': {
+      if (frame.payloadLength < UPDATE_HEADER_BYTES) return invalid('too short');
+      const head = firstBytes(frame, UPDATE_HEADER_BYTES);
+      const id = readU64(head, 0);
+      const offset = readU64(head, 8);
+      const length = head.readUInt32BE(16);
+      const kind = KINDS[head.readUInt8(20)];
+      if (id === undefined || offset === undefined) return invalid('id or offset out of range');
+      if (kind === undefined) return invalid(`unknown kind ${head.readUInt8(20)}`);
+      const dataBytes = frame.payloadLength - UPDATE_HEADER_BYTES;
+      if (kind === 'data' ? dataBytes !== length : dataBytes !== 0)
+        return invalid('length does not match the payload');
+      if (length === 0) return invalid('empty update');
+      const data = kind === 'data' ? dropViews(frame.payload, UPDATE_HEADER_BYTES) : [];
+      return {
+        type: 'update',
+        update: { id, offset, length, kind, resync: (frame.flags & UPDATE_FLAG_RESYNC) !== 0 },
+        data,
+      };
+    }
+    case 'barrier':
+    case 'ack':
+    case 'resyncBegin':
+    case 'resyncEnd': {
+      if (frame.payloadLength !== 8) return invalid('expected an 8-byte id');
+      const id = readU64(payloadBytes(frame), 0);
+      if (id === undefined) return invalid('id out of range');
+      return { type: frame.type, id };
+    }
+    case 'keepAlive':
+      if (frame.payloadLength !== 0) return invalid('expected no payload');
+      return { type: 'keepAlive' };
+  }
+}
+
+function parseJson(frame: RawFrame): Record<string, unknown> | string {
+  if (frame.payloadLength > JSON_PAYLOAD_BYTES_MAX) return 'payload too large';
+  try {
+    const v: unknown = JSON.parse(payloadBytes(frame).toString('utf8'));
+    if (typeof v !== 'object' || v === null || Array.isArray(v)) return 'not a JSON object';
+    return v as Record<string, unknown>;
+  } catch {
+    return 'not valid JSON';
+  }
+}
+
+function commonFields(
+  v: Record<string, unknown>,
+): { volumeId: string; size: number; regionSize: number } | string {
+  if (typeof v.volumeId !== 'string' || v.volumeId.length > 64) return 'volumeId is not a string';
+  if (!isCount(v.size) || v.size === 0) return 'size is not a positive integer';
+  if (!isCount(v.regionSize) || v.regionSize === 0) return 'regionSize is not a positive integer';
+  return { volumeId: v.volumeId, size: v.size, regionSize: v.regionSize };
+}
+
+function isCount(v: unknown): v is number {
+  return typeof v === 'number' && Number.isSafeInteger(v) && v >= 0;
+}
+
+function writeU64(b: Buffer, at: number, n: number): void {
+  b.writeUInt32BE(Math.floor(n / 2 ** 32), at);
+  b.writeUInt32BE(n >>> 0, at + 4);
+}
+
+/** A u64 as a number, or undefined beyond 2^53 (no id or offset of ours gets there). */
+function readU64(b: Buffer, at: number): number | undefined {
+  const high = b.readUInt32BE(at);
+  if (high >= 2 ** 21) return undefined;
+  return high * 2 ** 32 + b.readUInt32BE(at + 4);
+}
+
+function firstBytes(frame: RawFrame, n: number): Buffer {
+  const first = frame.payload[0];
+  if (first && first.length >= n) return first.subarray(0, n);
+  return payloadBytes(frame).subarray(0, n);
+}
+
+function dropViews(views: Buffer[], n: number): Buffer[] {
+  const out: Buffer[] = [];
+  let skip = n;
+  for (const v of views) {
+    if (skip >= v.length) {
+      skip -= v.length;
+      continue;
+    }
+    out.push(skip > 0 ? v.subarray(skip) : v);
+    skip = 0;
+  }
+  return out;
+}
+
+export type { FrameTypeName };
