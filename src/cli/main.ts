@@ -14,8 +14,7 @@ function buildProgram(): Command {
     .description('Asynchronous replication of block volumes, served over NBD')
     .version('0.1.0')
     .exitOverride()
-    .showHelpAfterError('(run with --help for usage)')
-    .configureOutput({ outputError: (text, write) => write(`${text.split('\n')[0]}\n`) });
+    .configureOutput({ outputError: (text, write) => write(`${text.split('\n')[0]} (see volrep --help)\n`) });
 
   program
     .command('create')

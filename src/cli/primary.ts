@@ -16,6 +16,7 @@ export async function runPrimary(flags: PrimaryFlags): Promise<void> {
   const nbd = parseHostPort(flags.nbd, '--nbd');
   const http = flags.http === undefined ? undefined : parseHostPort(flags.http, '--http');
   const logger = createLogger('volrep-primary');
+  const signals = new StopSignals(logger);
   const primary = await startPrimary({
     volumePath: flags.volume,
     metaDir: flags.meta,
@@ -25,29 +26,36 @@ export async function runPrimary(flags: PrimaryFlags): Promise<void> {
     readOnly: flags.readOnly,
     logger,
   });
-  await waitForStopSignal(logger, () => primary.close());
+  await signals.stopWith(() => primary.close());
 }
 
-export function waitForStopSignal(
-  logger: { info: (m: string) => void },
-  stop: () => Promise<void>,
-): Promise<void> {
-  return new Promise((resolve, reject) => {
-    let stopping = false;
-    const onSignal = (signal: NodeJS.Signals) => {
-      if (stopping) {
-        logger.info(`second ${signal}: exiting now`);
-        process.exit(1);
-      }
-      stopping = true;
-      logger.info(`${signal}: stopping`);
-      stop().then(() => {
-        process.off('SIGINT', onSignal);
-        process.off('SIGTERM', onSignal);
-        resolve();
-      }, reject);
-    };
-    process.on('SIGINT', onSignal);
-    process.on('SIGTERM', onSignal);
-  });
+/**
+ * SIGINT/SIGTERM handling, installed before the daemon starts so that a signal arriving during
+ * startup (or right after the ready line) still means a graceful stop, never node's default kill.
+ */
+export class StopSignals {
+  private requested: NodeJS.Signals | undefined;
+  private wake: (() => void) | undefined;
+  private readonly onSignal = (signal: NodeJS.Signals) => {
+    if (this.requested) {
+      this.logger.info(`second ${signal}: exiting now`);
+      process.exit(1);
+    }
+    this.requested = signal;
+    this.logger.info(`${signal}: stopping`);
+    this.wake?.();
+  };
+
+  constructor(private readonly logger: { info: (m: string) => void }) {
+    process.on('SIGINT', this.onSignal);
+    process.on('SIGTERM', this.onSignal);
+  }
+
+  /** Waits for a signal (or uses one that already came), then runs `stop`. */
+  async stopWith(stop: () => Promise<void>): Promise<void> {
+    if (!this.requested) await new Promise<void>((resolve) => (this.wake = resolve));
+    await stop();
+    process.off('SIGINT', this.onSignal);
+    process.off('SIGTERM', this.onSignal);
+  }
 }

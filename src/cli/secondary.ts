@@ -1,7 +1,7 @@
 import { createLogger } from '../daemon/logger.js';
 import { startSecondary } from '../daemon/secondary.js';
 import { parseHostPort } from '../util/address.js';
-import { waitForStopSignal } from './primary.js';
+import { StopSignals } from './primary.js';
 
 export interface SecondaryFlags {
   volume: string;
@@ -14,6 +14,7 @@ export async function runSecondary(flags: SecondaryFlags): Promise<void> {
   const listen = parseHostPort(flags.listen, '--listen');
   const http = flags.http === undefined ? undefined : parseHostPort(flags.http, '--http');
   const logger = createLogger('volrep-secondary');
+  const signals = new StopSignals(logger);
   const secondary = await startSecondary({
     volumePath: flags.volume,
     metaDir: flags.meta,
@@ -21,5 +22,5 @@ export async function runSecondary(flags: SecondaryFlags): Promise<void> {
     http,
     logger,
   });
-  await waitForStopSignal(logger, () => secondary.close());
+  await signals.stopWith(() => secondary.close());
 }

@@ -19,6 +19,8 @@ export const IN_FLIGHT_REQUESTS_MAX = 256;
 export const REPLY_BACKLOG_BYTES_MAX = 64 * 1024 * 1024;
 /** A client that has not finished negotiating within this time is disconnected. */
 export const HANDSHAKE_TIMEOUT_MS = 30_000;
+/** After our last reply on close, how long the client has to close its side. */
+export const CLOSE_GRACE_MS = 1_000;
 
 export interface RequestStats {
   /** Called once per request with its command, its payload or data bytes, and its NBD error (0 = ok). */
@@ -136,7 +138,11 @@ class Connection {
     log.debug('nbd client connected');
   }
 
-  /** Finishes requests already received, then closes; used on DISC and on server shutdown. */
+  /**
+   * Finishes requests already received, then closes; used on DISC and on server shutdown. Bytes
+   * that arrive meanwhile are read and dropped (not parsed), so the socket can see the client's
+   * end; a client that does not close its side within CLOSE_GRACE_MS is cut off.
+   */
   drainAndClose(): Promise<void> {
     if (this.socket.destroyed) return Promise.resolve();
     if (this.phase === 'handshake') {
@@ -144,13 +150,14 @@ class Connection {
       return Promise.resolve();
     }
     this.phase = 'closing';
-    this.socket.pause();
+    this.paused = false;
+    this.socket.resume();
     return new Promise((resolve) => {
+      this.socket.once('close', () => resolve());
       const finish = () => {
         this.onIdle = undefined;
-        if (!this.socket.destroyed) this.socket.end();
-        this.socket.once('close', () => resolve());
-        if (this.socket.destroyed) resolve();
+        this.socket.end();
+        setTimeout(() => this.socket.destroy(), CLOSE_GRACE_MS).unref();
       };
       if (this.inFlight === 0) finish();
       else this.onIdle = finish;
