@@ -1,0 +1,145 @@
+import assert from 'node:assert/strict';
+import { EngineError } from './errors.js';
+
+/** Bits per word of the backing array. */
+const WORD_BITS = 32;
+
+// The byte form (snapshot/load) puts region i in byte i >> 3, bit i & 7. On a little-endian
+// host that is exactly the memory layout of the Uint32Array, so snapshots are plain copies.
+assert.ok(new Uint8Array(new Uint32Array([1]).buffer)[0] === 1, 'volrep needs a little-endian host');
+
+/** Number of set bits in a 32-bit word. */
+function popcount32(x: number): number {
+  let v = x - ((x >>> 1) & 0x55555555);
+  v = (v & 0x33333333) + ((v >>> 2) & 0x33333333);
+  return (((v + (v >>> 4)) & 0x0f0f0f0f) * 0x01010101) >>> 24;
+}
+
+/**
+ * The indicator bitmap: one bit per region, set while the region may differ from the replica.
+ * A running count of set bits makes "how much is dirty" O(1); iteration skips empty words.
+ */
+export class IndicatorMap {
+  readonly regionCount: number;
+  private readonly words: Uint32Array;
+  private setCount = 0;
+
+  constructor(regionCount: number) {
+    assert.ok(Number.isSafeInteger(regionCount) && regionCount >= 0);
+    this.regionCount = regionCount;
+    this.words = new Uint32Array(IndicatorMap.byteLength(regionCount) / 4);
+  }
+
+  /** Bytes of the snapshot form for `regionCount` regions (a whole number of 32-bit words). */
+  static byteLength(regionCount: number): number {
+    return Math.ceil(regionCount / WORD_BITS) * 4;
+  }
+
+  /** Builds a map from a snapshot; refuses bits beyond `regionCount` (they would be garbage). */
+  static fromBytes(regionCount: number, bytes: Uint8Array): IndicatorMap {
+    const map = new IndicatorMap(regionCount);
+    map.load(bytes);
+    return map;
+  }
+
+  get count(): number {
+    return this.setCount;
+  }
+
+  test(region: number): boolean {
+    this.checkRegion(region);
+    return ((this.words[region >>> 5] >>> (region & 31)) & 1) === 1;
+  }
+
+  /** Sets the bit; returns whether it was already set. */
+  set(region: number): boolean {
+    this.checkRegion(region);
+    const w = region >>> 5;
+    const bit = 1 << (region & 31);
+    const was = (this.words[w] & bit) !== 0;
+    if (!was) {
+      this.words[w] |= bit;
+      this.setCount += 1;
+    }
+    return was;
+  }
+
+  /** Clears the bit; returns whether it was set. */
+  reset(region: number): boolean {
+    this.checkRegion(region);
+    const w = region >>> 5;
+    const bit = 1 << (region & 31);
+    const was = (this.words[w] & bit) !== 0;
+    if (was) {
+      this.words[w] &= ~bit;
+      this.setCount -= 1;
+    }
+    return was;
+  }
+
+  /** The first set region at or after `from`, or -1. Skips whole empty words. */
+  nextSet(from: number): number {
+    if (from >= this.regionCount) return -1;
+    let w = from >>> 5;
+    let word = this.words[w] & (0xffffffff << (from & 31));
+    for (;;) {
+      if (word !== 0) {
+        const region = w * WORD_BITS + (31 - Math.clz32(word & -word));
+        return region < this.regionCount ? region : -1;
+      }
+      w += 1;
+      if (w >= this.words.length) return -1;
+      word = this.words[w];
+    }
+  }
+
+  /** Set regions in increasing order. */
+  *iterate(from = 0): Generator<number> {
+    for (let r = this.nextSet(from); r !== -1; r = this.nextSet(r + 1)) yield r;
+  }
+
+  /** A copy of the bits as bytes (region i in byte i >> 3, bit i & 7). */
+  snapshot(): Uint8Array {
+    return new Uint8Array(this.words.buffer.slice(0));
+  }
+
+  /** Replaces every bit from a snapshot of the same region count. */
+  load(bytes: Uint8Array): void {
+    if (bytes.length !== this.words.length * 4) {
+      throw new EngineError(
+        'VOLREP_ERR_BITMAP_SIZE',
+        `bitmap has ${bytes.length} bytes, expected ${this.words.length * 4} for ${this.regionCount} regions`,
+      );
+    }
+    const view = new Uint8Array(this.words.buffer);
+    view.set(bytes);
+    const tailBits = this.regionCount % WORD_BITS;
+    if (tailBits !== 0 && this.words[this.words.length - 1] >>> tailBits !== 0) {
+      throw new EngineError('VOLREP_ERR_BITMAP_CORRUPT', 'bitmap has bits set beyond the last region');
+    }
+    let count = 0;
+    for (let i = 0; i < this.words.length; i++) {
+      if (this.words[i] !== 0) count += popcount32(this.words[i]);
+    }
+    this.setCount = count;
+  }
+
+  /** Sets every bit that is set in `bytes` (a snapshot of the same size). */
+  union(bytes: Uint8Array): void {
+    const other = IndicatorMap.fromBytes(this.regionCount, bytes);
+    for (let i = 0; i < this.words.length; i++) {
+      const add = other.words[i] & ~this.words[i];
+      if (add !== 0) {
+        this.words[i] |= add;
+        this.setCount += popcount32(add);
+      }
+    }
+  }
+
+  private checkRegion(region: number): void {
+    assert.ok(
+      Number.isInteger(region) && region >= 0 && region < this.regionCount,
+      `region ${region} out of range`,
+    );
+  }
+}

@@ -1,0 +1,279 @@
+/**
+ * The engine core driven with real files: the log and the bitmap in a metadata directory via
+ * node:fs, the volume and the replication stream behind small interfaces the caller provides.
+ *
+ * Dev notes. Every event goes into the engine synchronously; `pump()` then performs the actions
+ * in order. Actions that do I/O start it and feed its completion back as the next event, so
+ * several volume writes, one log sync and one bitmap persist can be in flight at once. A failed
+ * log or bitmap write is fatal (the durable state can no longer be trusted): every pending
+ * transaction is rejected and the driver refuses further work.
+ */
+import { mkdir, stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import { type Action, Engine, type EngineConfig, type WriteKind } from '../core/engine.js';
+import { EngineError } from '../core/errors.js';
+import { BitmapFile } from './bitmap-file.js';
+import { NodeBlockFile } from './block-file.js';
+import { LogFile } from './log-file.js';
+import { type RecoveryReport, recover } from './recovery.js';
+
+/** How often the driver ticks the engine (ack timeouts, volume syncs). */
+export const DRIVER_TICK_MS = 100;
+export const LOG_FILE_NAME = 'log';
+export const BITMAP_FILE_NAME = 'bitmap';
+
+/** The volume as the driver needs it. `data` is null for zero and trim: write zeroes. */
+export interface VolumeIo {
+  write(offset: number, length: number, kind: WriteKind, data: Uint8Array | null): Promise<void>;
+  read(offset: number, length: number): Promise<Uint8Array>;
+  sync(): Promise<void>;
+}
+
+/** The replication stream. The driver calls these in stream order. */
+export interface UpdateSink {
+  send(update: {
+    updateId: number;
+    offset: number;
+    length: number;
+    kind: WriteKind;
+    data: Uint8Array | null;
+  }): void;
+  sendBarrier(barrierId: number, afterUpdateId: number): void;
+  /** The engine gave up on the connection (ack timeout): close it, then call disconnected(). */
+  disconnect(reason: string): void;
+}
+
+export interface DriverWrite {
+  offset: number;
+  kind: WriteKind;
+  /** The bytes for 'data'; for 'zero' and 'trim' only `length` is used. */
+  data?: Uint8Array;
+  length?: number;
+}
+
+interface PendingTx {
+  data: Array<Uint8Array | null>;
+  resolve: () => void;
+  reject: (err: unknown) => void;
+}
+
+export class ReplicationDriver {
+  private readonly txs = new Map<number, PendingTx>();
+  /** Buffers by update id, from the volume write (or resync read) until send or drop. */
+  private readonly buffers = new Map<number, Uint8Array | null>();
+  private failure: unknown = null;
+  private timer: NodeJS.Timeout | null = null;
+  private pumping = false;
+  private ioCount = 0;
+  private idleWaiters: Array<() => void> = [];
+
+  private constructor(
+    readonly engine: Engine,
+    private readonly log: LogFile,
+    private readonly bitmap: BitmapFile,
+    private readonly files: NodeBlockFile[],
+    private readonly volume: VolumeIo,
+    private readonly sink: UpdateSink,
+    readonly recovery: RecoveryReport,
+  ) {}
+
+  /**
+   * Opens (or creates and formats) the log and bitmap files in `metaDir`, recovers, and starts
+   * the engine. `logFileBytes` sizes a new log file.
+   */
+  static async open(
+    metaDir: string,
+    config: Omit<EngineConfig, 'logCapacity'> & { logFileBytes: number },
+    volume: VolumeIo,
+    sink: UpdateSink,
+  ): Promise<ReplicationDriver> {
+    await mkdir(metaDir, { recursive: true });
+    const regionCount = Math.ceil(config.volumeSize / config.regionSize);
+    const logPath = join(metaDir, LOG_FILE_NAME);
+    const bitmapPath = join(metaDir, BITMAP_FILE_NAME);
+    const files: NodeBlockFile[] = [];
+    try {
+      if (!(await exists(logPath))) {
+        const f = await NodeBlockFile.create(logPath, config.logFileBytes);
+        await LogFile.format(f);
+        await f.close();
+      }
+      if (!(await exists(bitmapPath))) {
+        const f = await NodeBlockFile.create(bitmapPath, BitmapFile.fileBytes(regionCount));
+        await BitmapFile.format(f, regionCount);
+        await f.close();
+      }
+      const logFile = await NodeBlockFile.open(logPath);
+      files.push(logFile);
+      const bitmapFile = await NodeBlockFile.open(bitmapPath);
+      files.push(bitmapFile);
+      const r = await recover(logFile, bitmapFile, regionCount);
+      const { logFileBytes: _, ...engineConfig } = config;
+      const engine = new Engine({ ...engineConfig, logCapacity: r.log.capacity }, r.state);
+      const driver = new ReplicationDriver(engine, r.log, r.bitmap, files, volume, sink, r.report);
+      driver.timer = setInterval(() => driver.event((now) => engine.handleTick(now)), DRIVER_TICK_MS);
+      driver.timer.unref();
+      driver.pump();
+      return driver;
+    } catch (err) {
+      for (const f of files) await f.close();
+      throw err;
+    }
+  }
+
+  /** One transaction: resolves once every write is on the volume (and logged before that). */
+  write(writes: DriverWrite[]): Promise<void> {
+    if (this.failure !== null) return Promise.reject(this.failure);
+    const requests = writes.map((w) => ({
+      offset: w.offset,
+      length: w.kind === 'data' ? (w.data?.length ?? 0) : (w.length ?? 0),
+      kind: w.kind,
+    }));
+    return new Promise<void>((resolve, reject) => {
+      const txId = this.engine.submitTransaction(requests, now());
+      this.txs.set(txId, { data: writes.map((w) => (w.kind === 'data' ? w.data! : null)), resolve, reject });
+      this.pump();
+    });
+  }
+
+  /** A client FLUSH: a barrier on the stream (H13). The caller syncs the volume itself. */
+  barrier(): void {
+    this.event((t) => this.engine.submitBarrier(t));
+  }
+
+  ack(updateId: number): void {
+    this.event((t) => this.engine.handleAck(updateId, t));
+  }
+
+  connected(lastAppliedId: number): void {
+    this.event((t) => this.engine.handleConnected(lastAppliedId, t));
+  }
+
+  disconnected(): void {
+    this.event((t) => this.engine.handleDisconnected(t));
+  }
+
+  /** Persists the bitmap, waits for all I/O to settle, and closes the files. */
+  async close(): Promise<void> {
+    if (this.timer) clearInterval(this.timer);
+    if (this.failure === null) this.event((t) => this.engine.requestCheckpoint(t));
+    while (this.ioCount > 0 || (this.failure === null && this.engine.stats().checkpointInFlight)) {
+      await new Promise<void>((resolve) => this.idleWaiters.push(resolve));
+    }
+    for (const f of this.files) await f.close();
+  }
+
+  private event(fn: (now: number) => void): void {
+    if (this.failure !== null) return;
+    fn(now());
+    this.pump();
+  }
+
+  private pump(): void {
+    if (this.pumping) return; // an action's synchronous callback re-entered: the loop continues
+    this.pumping = true;
+    try {
+      for (let a = this.engine.pollAction(); a !== undefined; a = this.engine.pollAction()) this.perform(a);
+    } finally {
+      this.pumping = false;
+    }
+  }
+
+  private perform(a: Action): void {
+    switch (a.type) {
+      case 'appendLog':
+        this.log.append(a.record);
+        break;
+      case 'syncLog':
+        this.io(this.log.flush(), () => this.engine.handleLogSynced(a.throughLsn, now()));
+        break;
+      case 'freeLog':
+        this.log.setTail(a.upToLsn, a.idLimit);
+        break;
+      case 'writeVolume': {
+        const data = this.txs.get(a.txId)?.data[a.index] ?? null;
+        this.buffers.set(a.updateId, data);
+        this.io(this.volume.write(a.offset, a.length, a.kind, data), () =>
+          this.engine.handleVolumeWritten(a.updateId, now()),
+        );
+        break;
+      }
+      case 'readRegion':
+        this.io(
+          this.volume.read(a.offset, a.length).then((buf) => this.buffers.set(a.updateId, buf)),
+          () => this.engine.handleResyncRead(a.updateId, now()),
+        );
+        break;
+      case 'send': {
+        const data = this.buffers.get(a.updateId) ?? null;
+        this.buffers.delete(a.updateId);
+        this.sink.send({ updateId: a.updateId, offset: a.offset, length: a.length, kind: a.kind, data });
+        break;
+      }
+      case 'dropUpdate':
+        this.buffers.delete(a.updateId);
+        break;
+      case 'complete': {
+        const tx = this.txs.get(a.txId);
+        this.txs.delete(a.txId);
+        tx?.resolve();
+        break;
+      }
+      case 'persistBitmap':
+        this.io(this.bitmap.persist(a.bitmap, a.coveredLsn, a.idLimit), () =>
+          this.engine.handleBitmapPersisted(a.checkpointId, now()),
+        );
+        break;
+      case 'syncVolume':
+        this.io(this.volume.sync(), () => this.engine.handleVolumeSynced(a.syncId, now()));
+        break;
+      case 'sendBarrier':
+        this.sink.sendBarrier(a.barrierId, a.afterUpdateId);
+        break;
+      case 'disconnect':
+        this.sink.disconnect(a.reason);
+        break;
+    }
+  }
+
+  /** Runs I/O and feeds its completion back; a failure is fatal. */
+  private io(work: Promise<unknown>, done: () => void): void {
+    this.ioCount += 1;
+    work
+      .then(
+        () => this.event(done),
+        (err) => this.fail(err),
+      )
+      .finally(() => {
+        this.ioCount -= 1;
+        for (const wake of this.idleWaiters.splice(0)) wake();
+      });
+  }
+
+  private fail(err: unknown): void {
+    if (this.failure !== null) return;
+    this.failure = new EngineError(
+      'VOLREP_ERR_STATE',
+      `replication engine stopped after an I/O error: ${String(err)}`,
+      {
+        cause: err,
+      },
+    );
+    if (this.timer) clearInterval(this.timer);
+    for (const tx of this.txs.values()) tx.reject(this.failure);
+    this.txs.clear();
+  }
+}
+
+function now(): number {
+  return performance.now();
+}
+
+async function exists(path: string): Promise<boolean> {
+  try {
+    await stat(path);
+    return true;
+  } catch {
+    return false;
+  }
+}
