@@ -217,6 +217,10 @@ export interface EngineStats {
   pendingRegions: number;
   windowRegions: number;
   inflightBytes: number;
+  /** Updates issued and not yet acked or dropped (client writes and resyncs). */
+  pendingUpdates: number;
+  /** Begin records still holding log space. */
+  activeTransactions: number;
   queuedTransactions: number;
   logHeadLsn: number;
   logDurableLsn: number;
@@ -361,6 +365,8 @@ export class Engine {
       pendingRegions: this.pending.size,
       windowRegions: this.cover.size,
       inflightBytes: this.inflightBytes,
+      pendingUpdates: this.ops.size,
+      activeTransactions: this.txQueue.length,
       queuedTransactions: this.admitQueue.length,
       logHeadLsn: this.logHead,
       logDurableLsn: this.logDurable,

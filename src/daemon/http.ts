@@ -13,6 +13,7 @@ export async function startHttp(
   status: () => unknown,
   registry: Registry,
   logger: Logger,
+  routes: Record<string, () => unknown> = {},
 ): Promise<{ address: AddressInfo; close: () => Promise<void> }> {
   const server = http.createServer((req, res) => {
     const url = (req.url ?? '/').split('?')[0];
@@ -24,6 +25,11 @@ export async function startHttp(
       res
         .writeHead(200, { 'content-type': 'application/json' })
         .end(`${JSON.stringify(status(), null, 2)}\n`);
+      return;
+    }
+    const route = routes[url];
+    if (route) {
+      res.writeHead(200, { 'content-type': 'application/json' }).end(`${JSON.stringify(route())}\n`);
       return;
     }
     if (url === '/metrics') {

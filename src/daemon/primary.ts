@@ -1,12 +1,15 @@
 /**
- * The primary daemon: opens and locks the volume, serves it over NBD and, if asked, over HTTP.
+ * The primary daemon: opens the volume with the replication engine in its write path, serves it
+ * over NBD and, if asked, status and metrics over HTTP.
  */
 import path from 'node:path';
 import type { Logger } from 'pino';
+import { Counter, Gauge } from 'prom-client';
 import { NbdServer } from '../nbd/server.js';
 import { formatHostPort, type HostPort } from '../util/address.js';
 import { FileDevice } from '../volume/file-device.js';
-import { Volume } from '../volume/volume.js';
+import { Volume, type VolumeStatus } from '../volume/replicated.js';
+import { VolumeFile } from '../volume/volume.js';
 import { startHttp } from './http.js';
 import { listenError } from './listen-error.js';
 import { Metrics } from './metrics.js';
@@ -17,7 +20,9 @@ export interface PrimaryOptions {
   nbd: HostPort;
   exportName: string;
   http?: HostPort;
+  /** Serve without the engine and refuse writes. */
   readOnly?: boolean;
+  activityWindowBytes?: number;
   logger: Logger;
 }
 
@@ -25,74 +30,146 @@ export interface RunningPrimary {
   nbdAddress: string;
   httpAddress?: string;
   status(): PrimaryStatus;
-  /** Graceful stop: stop accepting, finish in-flight requests, flush, release the volume. */
+  /** Graceful stop: stop accepting, finish in-flight requests, flush, persist the bitmap, release. */
   close(): Promise<void>;
 }
 
-export interface PrimaryStatus {
+export interface PrimaryStatus extends Partial<VolumeStatus> {
   role: 'primary';
   volume: { path: string; id: string; size: number; regionSize: number };
   nbd: { address: string; export: string; connections: number };
 }
 
+/** Either the engine-backed volume or, read-only, the bare file. */
+interface Served {
+  file: VolumeFile;
+  device: FileDevice | Volume['device'];
+  volume?: Volume;
+  close(): Promise<void>;
+}
+
+async function openServed(opts: PrimaryOptions): Promise<Served> {
+  if (opts.readOnly) {
+    const file = await VolumeFile.open(opts.volumePath, { metaDir: opts.metaDir, readOnly: true });
+    const device = new FileDevice(file.fd, file.size, true);
+    return { file, device, close: () => file.close() };
+  }
+  const volume = await Volume.open(opts.volumePath, {
+    metaDir: opts.metaDir,
+    activityWindowBytes: opts.activityWindowBytes,
+  });
+  return { file: volume.file, device: volume.device, volume, close: () => volume.close() };
+}
+
 export async function startPrimary(opts: PrimaryOptions): Promise<RunningPrimary> {
-  const volume = await Volume.open(opts.volumePath, { metaDir: opts.metaDir, readOnly: opts.readOnly });
+  const served = await openServed(opts);
+  const { file, volume } = served;
   const metrics = new Metrics();
-  const device = new FileDevice(volume.fd, volume.size, opts.readOnly);
-  const nbd = new NbdServer(device, { exportName: opts.exportName, logger: opts.logger, stats: metrics });
+  if (volume) registerEngineMetrics(metrics, volume);
+  const nbd = new NbdServer(served.device, {
+    exportName: opts.exportName,
+    logger: opts.logger,
+    stats: metrics,
+  });
   let nbdAddress: string;
   try {
     const bound = await nbd.listen(opts.nbd.host, opts.nbd.port);
     nbdAddress = formatHostPort({ host: bound.address, port: bound.port });
   } catch (err) {
-    await volume.close();
+    await served.close();
     throw listenError(err, 'NBD', opts.nbd);
   }
 
   const status = (): PrimaryStatus => ({
     role: 'primary',
     volume: {
-      path: path.resolve(volume.path),
-      id: volume.meta.volumeId,
-      size: volume.size,
-      regionSize: volume.meta.regionSize,
+      path: path.resolve(file.path),
+      id: file.meta.volumeId,
+      size: file.size,
+      regionSize: file.meta.regionSize,
     },
     nbd: { address: nbdAddress, export: opts.exportName, connections: nbd.connectionCount },
+    ...volume?.status(),
   });
+  const routes: Record<string, () => unknown> = volume
+    ? { '/dirty': () => ({ regionSize: file.meta.regionSize, ranges: volume.dirtyRanges() }) }
+    : {};
 
   let http: Awaited<ReturnType<typeof startHttp>> | undefined;
   if (opts.http) {
     try {
-      http = await startHttp(opts.http.host, opts.http.port, status, metrics.registry, opts.logger);
+      http = await startHttp(opts.http.host, opts.http.port, status, metrics.registry, opts.logger, routes);
     } catch (err) {
       await nbd.close();
-      await volume.close();
+      await served.close();
       throw listenError(err, 'HTTP', opts.http);
     }
   }
+  const httpAddress = http && formatHostPort({ host: http.address.address, port: http.address.port });
   opts.logger.info(
-    {
-      volume: volume.path,
-      nbd: nbdAddress,
-      http: http && formatHostPort({ host: http.address.address, port: http.address.port }),
-    },
+    { volume: file.path, nbd: nbdAddress, http: httpAddress, recovery: volume?.driver.recovery },
     'primary serving',
   );
 
   let closing: Promise<void> | undefined;
   return {
     nbdAddress,
-    httpAddress: http && formatHostPort({ host: http.address.address, port: http.address.port }),
+    httpAddress,
     status,
     close() {
       closing ??= (async () => {
         await nbd.close();
         await http?.close();
-        await new Promise<void>((resolve, reject) => device.flush((err) => (err ? reject(err) : resolve())));
-        await volume.close();
+        await served.close();
         opts.logger.info('primary stopped');
       })();
       return closing;
     },
   };
+}
+
+/** Gauges read from the engine when /metrics is scraped, counters from the driver's tallies. */
+function registerEngineMetrics(metrics: Metrics, volume: Volume): void {
+  const registers = [metrics.registry];
+  const engine = () => volume.driver.engine.stats();
+  const counters = volume.driver.counters;
+  new Gauge({
+    name: 'volrep_dirty_regions',
+    help: 'Regions that may differ from the replica',
+    registers,
+    collect() {
+      this.set(engine().dirtyRegions);
+    },
+  });
+  new Gauge({
+    name: 'volrep_pending_updates',
+    help: 'Updates issued and not yet acknowledged by the secondary',
+    registers,
+    collect() {
+      this.set(engine().pendingUpdates);
+    },
+  });
+  new Gauge({
+    name: 'volrep_log_used_bytes',
+    help: 'Bytes of the transaction log in use',
+    registers,
+    collect() {
+      const s = engine();
+      this.set(s.logHeadLsn - s.logFreedLsn);
+    },
+  });
+  const tally = (name: string, help: string, read: () => number) =>
+    new Counter({
+      name,
+      help,
+      registers,
+      collect() {
+        this.reset();
+        this.inc(read());
+      },
+    });
+  tally('volrep_log_syncs_total', 'Log write+fdatasync batches (group commits)', () => counters.logSyncs);
+  tally('volrep_log_records_total', 'Log records appended', () => counters.logRecords);
+  tally('volrep_bitmap_persists_total', 'Persistent bitmap writes', () => counters.bitmapPersists);
+  tally('volrep_volume_syncs_total', 'Volume fdatasyncs issued by the engine', () => counters.volumeSyncs);
 }

@@ -12,7 +12,7 @@ import { VolrepError } from '../util/errors.js';
 import { requireLoopback } from '../util/loopback.js';
 import { FileDevice } from '../volume/file-device.js';
 import { SlotFile } from '../volume/slot-file.js';
-import { Volume } from '../volume/volume.js';
+import { VolumeFile } from '../volume/volume.js';
 import { startHttp } from './http.js';
 import { listenError } from './listen-error.js';
 import { Metrics } from './metrics.js';
@@ -59,7 +59,7 @@ function validateState(v: unknown): ReplicaState | undefined {
 
 export async function startSecondary(opts: SecondaryOptions): Promise<RunningSecondary> {
   requireLoopback(opts.listen.host, '--listen');
-  const volume = await Volume.open(opts.volumePath, { metaDir: opts.metaDir });
+  const volume = await VolumeFile.open(opts.volumePath, { metaDir: opts.metaDir });
   if (volume.meta.role !== 'secondary') {
     await volume.close();
     throw new VolrepError(

@@ -66,6 +66,8 @@ export class ReplicationDriver {
   private pumping = false;
   private ioCount = 0;
   private idleWaiters: Array<() => void> = [];
+  /** Counts of durable-state work, for metrics. */
+  readonly counters = { logRecords: 0, logSyncs: 0, bitmapPersists: 0, volumeSyncs: 0 };
 
   private constructor(
     readonly engine: Engine,
@@ -119,6 +121,11 @@ export class ReplicationDriver {
       for (const f of files) await f.close();
       throw err;
     }
+  }
+
+  /** Bytes of the log's record area. */
+  get logCapacity(): number {
+    return this.log.capacity;
   }
 
   /** One transaction: resolves once every write is on the volume (and logged before that). */
@@ -182,9 +189,11 @@ export class ReplicationDriver {
   private perform(a: Action): void {
     switch (a.type) {
       case 'appendLog':
+        this.counters.logRecords++;
         this.log.append(a.record);
         break;
       case 'syncLog':
+        this.counters.logSyncs++;
         this.io(this.log.flush(), () => this.engine.handleLogSynced(a.throughLsn, now()));
         break;
       case 'freeLog':
@@ -220,11 +229,13 @@ export class ReplicationDriver {
         break;
       }
       case 'persistBitmap':
+        this.counters.bitmapPersists++;
         this.io(this.bitmap.persist(a.bitmap, a.coveredLsn, a.idLimit), () =>
           this.engine.handleBitmapPersisted(a.checkpointId, now()),
         );
         break;
       case 'syncVolume':
+        this.counters.volumeSyncs++;
         this.io(this.volume.sync(), () => this.engine.handleVolumeSynced(a.syncId, now()));
         break;
       case 'sendBarrier':

@@ -15,6 +15,8 @@ import { type Request, RequestParser } from './requests.js';
 
 /** Requests in flight per connection before we stop reading from it (backpressure). */
 export const IN_FLIGHT_REQUESTS_MAX = 256;
+/** Bytes of READ and WRITE requests in flight per connection before we stop reading from it. */
+export const IN_FLIGHT_BYTES_MAX = 64 * 1024 * 1024;
 /** Reply bytes queued on a socket before we stop reading more requests from that client. */
 export const REPLY_BACKLOG_BYTES_MAX = 64 * 1024 * 1024;
 /** A client that has not finished negotiating within this time is disconnected. */
@@ -108,6 +110,7 @@ class Connection {
   private parser: RequestParser | undefined;
   private session: NegotiatedSession = { structuredReplies: false, baseAllocationId: 0 };
   private inFlight = 0;
+  private inFlightBytes = 0;
   private corked = false;
   private paused = false;
   private readonly handshakeTimer: NodeJS.Timeout;
@@ -124,6 +127,8 @@ class Connection {
     this.handshake = new Handshake(exportInfo, isShuttingDown);
     this.handshakeTimer = setTimeout(() => this.abort('negotiation timed out'), HANDSHAKE_TIMEOUT_MS);
     socket.on('data', (chunk: Buffer) => {
+      // A closing connection reads only to see the client's end; what it sends is dropped.
+      if (this.phase === 'closing') return;
       this.queue.push(chunk);
       this.pump();
     });
@@ -172,8 +177,7 @@ class Connection {
       clearTimeout(this.handshakeTimer);
       if (outcome.kind === 'close') {
         if (outcome.clientError) this.log.warn({ reason: outcome.reason }, 'nbd negotiation refused');
-        this.socket.end();
-        this.phase = 'closing';
+        this.closeAfterReplies();
         return;
       }
       this.session = outcome.session;
@@ -202,7 +206,11 @@ class Connection {
         continue;
       }
       this.execute(event.request);
-      if (this.inFlight >= IN_FLIGHT_REQUESTS_MAX || this.socket.writableLength > REPLY_BACKLOG_BYTES_MAX) {
+      if (
+        this.inFlight >= IN_FLIGHT_REQUESTS_MAX ||
+        this.inFlightBytes >= IN_FLIGHT_BYTES_MAX ||
+        this.socket.writableLength > REPLY_BACKLOG_BYTES_MAX
+      ) {
         this.paused = true;
         this.socket.pause();
       }
@@ -228,7 +236,7 @@ class Connection {
       case P.CMD_READ: {
         const prefix = readReplyPrefixBytes(structured);
         const buf = Buffer.allocUnsafe(prefix + req.length);
-        this.begin();
+        this.begin(req);
         this.device.read(req.offset, req.length, buf, prefix, (err) => {
           if (err) return this.fail(req, err);
           writeReadReplyPrefix(buf, req.handle, req.offset, req.length, structured);
@@ -237,29 +245,29 @@ class Connection {
         return;
       }
       case P.CMD_WRITE:
-        this.begin();
+        this.begin(req);
         this.device.write(req.offset, req.payload, req.length, fua, (err) =>
           err ? this.fail(req, err) : this.complete(req, req.length),
         );
         return;
       case P.CMD_WRITE_ZEROES:
-        this.begin();
+        this.begin(req);
         this.device.writeZeroes(req.offset, req.length, fua, (err) =>
           err ? this.fail(req, err) : this.complete(req, req.length),
         );
         return;
       case P.CMD_TRIM:
-        this.begin();
+        this.begin(req);
         this.device.trim(req.offset, req.length, fua, (err) =>
           err ? this.fail(req, err) : this.complete(req, req.length),
         );
         return;
       case P.CMD_FLUSH:
-        this.begin();
+        this.begin(req);
         this.device.flush((err) => (err ? this.fail(req, err) : this.complete(req, 0)));
         return;
       case P.CMD_BLOCK_STATUS: {
-        this.begin();
+        this.begin(req);
         const length = Math.min(req.length, this.device.size - req.offset);
         this.complete(req, 0, encodeBlockStatus(req.handle, this.session.baseAllocationId, length));
         return;
@@ -272,19 +280,25 @@ class Connection {
     }
   }
 
-  private begin(): void {
+  private begin(req: Request): void {
     this.inFlight++;
+    if (req.command === P.CMD_READ || req.command === P.CMD_WRITE) this.inFlightBytes += req.length;
+  }
+
+  private end(req: Request): void {
+    this.inFlight--;
+    if (req.command === P.CMD_READ || req.command === P.CMD_WRITE) this.inFlightBytes -= req.length;
   }
 
   private complete(req: Request, bytes: number, reply?: Buffer): void {
-    this.inFlight--;
+    this.end(req);
     this.stats?.record(req.command, bytes, 0);
     this.send(reply ?? encodeReply(req.handle, 0, this.session.structuredReplies));
     this.settled();
   }
 
   private fail(req: Request, err: Error): void {
-    this.inFlight--;
+    this.end(req);
     const code = (err as NodeJS.ErrnoException).code === 'ENOSPC' ? P.ENOSPC : P.EIO;
     this.log.error(
       { err, command: req.command, offset: req.offset, length: req.length },
@@ -314,9 +328,16 @@ class Connection {
     this.socket.write(buf);
   }
 
+  /** A protocol error: replies already queued still go out, then the connection closes. */
   private abort(reason: string): void {
     this.log.warn({ reason }, 'nbd connection closed: protocol error');
+    this.closeAfterReplies();
+  }
+
+  private closeAfterReplies(): void {
     this.phase = 'closing';
-    this.socket.destroy();
+    this.queue.skip(this.queue.length);
+    this.socket.end();
+    setTimeout(() => this.socket.destroy(), CLOSE_GRACE_MS).unref();
   }
 }

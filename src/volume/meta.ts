@@ -115,15 +115,21 @@ export async function readMeta(metaDir: string): Promise<Meta> {
 
 /** Writes a file so that a crash leaves either the old or the new content: temp file, fsync, rename, fsync dir. */
 export async function writeFileAtomic(file: string, data: string | Uint8Array): Promise<void> {
-  const temp = `${file}.tmp-${process.pid}`;
-  const handle = await fsp.open(temp, 'w', 0o644);
+  // A name of its own per call: two writers of the same file never share a temp file.
+  const temp = `${file}.tmp-${process.pid}-${randomUUID().slice(0, 8)}`;
   try {
-    await handle.writeFile(data);
-    await handle.sync();
-  } finally {
-    await handle.close();
+    const handle = await fsp.open(temp, 'wx', 0o644);
+    try {
+      await handle.writeFile(data);
+      await handle.sync();
+    } finally {
+      await handle.close();
+    }
+    await fsp.rename(temp, file);
+  } catch (err) {
+    await fsp.rm(temp, { force: true });
+    throw err;
   }
-  await fsp.rename(temp, file);
   await syncDirectory(path.dirname(file));
 }
 

@@ -1,5 +1,8 @@
 import { constants as fsc, promises as fsp } from 'node:fs';
 import path from 'node:path';
+import { BitmapFile } from '../log/bitmap-file.js';
+import { NodeBlockFile } from '../log/block-file.js';
+import { LogFile } from '../log/log-file.js';
 import { errnoCode, VolrepError } from '../util/errors.js';
 import { formatSize, isPowerOfTwo } from '../util/size.js';
 import { VolumeLock } from './lock.js';
@@ -11,6 +14,7 @@ import {
   REGION_SIZE_MIN,
   type Role,
   readMeta,
+  syncDirectory,
   writeMeta,
 } from './meta.js';
 
@@ -18,6 +22,7 @@ export const DEFAULT_REGION_SIZE = 64 * 1024;
 export const DEFAULT_LOG_SIZE = 64 * 1024 * 1024;
 export const LOG_FILE = 'log';
 export const BITMAP_FILE = 'bitmap';
+/** Room for a few of the largest transaction records and the resync reserve (see logCapacityMin). */
 export const LOG_SIZE_MIN = 64 * 1024;
 
 /** The default metadata directory sits beside the volume: `PATH.volrep/`. */
@@ -37,12 +42,6 @@ export async function deviceSize(file: string): Promise<number> {
     return Number.parseInt(sectors, 10) * 512;
   }
   throw new VolrepError('VOLREP_ERR_VOLUME_SIZE', `${file} is neither a regular file nor a block device`);
-}
-
-/** Bytes of one slot of the persistent bitmap: one bit per region, rounded up to 4 KiB. */
-export function bitmapBytes(size: number, regionSize: number): number {
-  const regionCount = Math.ceil(size / regionSize);
-  return Math.ceil(Math.ceil(regionCount / 8) / 4096) * 4096;
 }
 
 export interface CreateOptions {
@@ -130,25 +129,40 @@ export async function createVolume(opts: CreateOptions): Promise<Meta> {
 
   await fsp.mkdir(metaDir, { recursive: true });
   const meta = newMeta({ size: opts.size, regionSize, logSize, role: opts.role, volumeId: opts.volumeId });
-  // The log and bitmap are reserved at full size now, so a running daemon never runs out of space for them.
-  await reserveFile(path.join(metaDir, LOG_FILE), logSize);
-  await reserveFile(path.join(metaDir, BITMAP_FILE), 2 * bitmapBytes(opts.size, regionSize) + 4096);
+  // The log and bitmap get their full size now, formatted (empty log, all-clean bitmap), so a
+  // running daemon never runs out of space for them. meta.json goes last: it marks a complete set.
+  await formatMetadataFiles(metaDir, opts.size, regionSize, logSize);
   await writeMeta(metaDir, meta);
   return meta;
 }
 
-async function reserveFile(file: string, size: number): Promise<void> {
-  const handle = await fsp.open(file, 'w', 0o644);
+async function formatMetadataFiles(
+  metaDir: string,
+  size: number,
+  regionSize: number,
+  logSize: number,
+): Promise<void> {
+  const log = await NodeBlockFile.create(path.join(metaDir, LOG_FILE), logSize);
   try {
-    await handle.truncate(size);
-    await handle.sync();
+    await LogFile.format(log);
   } finally {
-    await handle.close();
+    await log.close();
   }
+  const regionCount = Math.ceil(size / regionSize);
+  const bitmap = await NodeBlockFile.create(
+    path.join(metaDir, BITMAP_FILE),
+    BitmapFile.fileBytes(regionCount),
+  );
+  try {
+    await BitmapFile.format(bitmap, regionCount);
+  } finally {
+    await bitmap.close();
+  }
+  await syncDirectory(metaDir);
 }
 
 /** An open, locked volume: the file handle for data and the metadata that describes it. */
-export class Volume {
+export class VolumeFile {
   private constructor(
     readonly path: string,
     readonly metaDir: string,
@@ -161,7 +175,7 @@ export class Volume {
   static async open(
     volumePath: string,
     opts: { metaDir?: string; readOnly?: boolean } = {},
-  ): Promise<Volume> {
+  ): Promise<VolumeFile> {
     const metaDir = opts.metaDir ?? defaultMetaDir(volumePath);
     const meta = await readMeta(metaDir);
     let actual: number;
@@ -182,7 +196,7 @@ export class Volume {
     const lock = await VolumeLock.acquire(metaDir, volumePath);
     try {
       const handle = await fsp.open(volumePath, opts.readOnly ? 'r' : 'r+');
-      return new Volume(volumePath, metaDir, meta, handle.fd, handle, lock);
+      return new VolumeFile(volumePath, metaDir, meta, handle.fd, handle, lock);
     } catch (err) {
       await lock.release();
       throw err;
