@@ -39,6 +39,7 @@ function buildProgram(): Command {
     .option('--nbd <host:port>', 'NBD listen address', '127.0.0.1:10809')
     .option('--export <name>', 'NBD export name', 'volrep')
     .option('--http <host:port>', 'serve /status and /metrics on this address')
+    .option('--activity-window <size>', 'recently written regions that need no new log record', '1G')
     .addOption(new Option('--read-only', 'refuse writes').default(false))
     .action(runPrimary);
 

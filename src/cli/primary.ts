@@ -1,6 +1,7 @@
 import { createLogger } from '../daemon/logger.js';
 import { startPrimary } from '../daemon/primary.js';
 import { parseHostPort } from '../util/address.js';
+import { parseSize } from '../util/size.js';
 
 export interface PrimaryFlags {
   volume: string;
@@ -9,15 +10,18 @@ export interface PrimaryFlags {
   export: string;
   http?: string;
   readOnly: boolean;
+  activityWindow: string;
 }
 
 /** Runs until SIGINT/SIGTERM, then stops gracefully; a second signal exits at once. */
 export async function runPrimary(flags: PrimaryFlags): Promise<void> {
   const nbd = parseHostPort(flags.nbd, '--nbd');
   const http = flags.http === undefined ? undefined : parseHostPort(flags.http, '--http');
+  const activityWindowBytes = parseSize(flags.activityWindow, '--activity-window');
   const logger = createLogger('volrep-primary');
   const signals = new StopSignals(logger);
   const primary = await startPrimary({
+    activityWindowBytes,
     volumePath: flags.volume,
     metaDir: flags.meta,
     nbd,
