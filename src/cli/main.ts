@@ -39,6 +39,19 @@ function buildProgram(): Command {
     .option('--nbd <host:port>', 'NBD listen address', '127.0.0.1:10809')
     .option('--export <name>', 'NBD export name', 'volrep')
     .option('--http <host:port>', 'serve /status and /metrics on this address')
+    .option('--peer <host:port>', 'replicate to the secondary at this address (loopback only for now)')
+    .addOption(
+      new Option('--mode <mode>', 'async: complete writes locally; sync: after the secondary acks')
+        .choices(['async', 'sync'])
+        .default('async'),
+    )
+    .option('--ack-timeout <duration>', 'no ack for this long drops the link (regions stay dirty)', '5s')
+    .option('--window <size>', 'bytes of updates in flight to the secondary before writes wait', '64M')
+    .option(
+      '--assume-clean',
+      'both volumes are known identical (e.g. freshly created): no initial full sync',
+      false,
+    )
     .option('--activity-window <size>', 'recently written regions that need no new log record', '1G')
     .addOption(new Option('--read-only', 'refuse writes').default(false))
     .action(runPrimary);

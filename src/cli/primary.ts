@@ -1,7 +1,8 @@
 import { createLogger } from '../daemon/logger.js';
 import { startPrimary } from '../daemon/primary.js';
 import { parseHostPort } from '../util/address.js';
-import { parseSize } from '../util/size.js';
+import { VolrepError } from '../util/errors.js';
+import { parseDuration, parseSize } from '../util/size.js';
 
 export interface PrimaryFlags {
   volume: string;
@@ -11,6 +12,11 @@ export interface PrimaryFlags {
   http?: string;
   readOnly: boolean;
   activityWindow: string;
+  peer?: string;
+  mode: 'async' | 'sync';
+  ackTimeout: string;
+  window: string;
+  assumeClean: boolean;
 }
 
 /** Runs until SIGINT/SIGTERM, then stops gracefully; a second signal exits at once. */
@@ -18,10 +24,19 @@ export async function runPrimary(flags: PrimaryFlags): Promise<void> {
   const nbd = parseHostPort(flags.nbd, '--nbd');
   const http = flags.http === undefined ? undefined : parseHostPort(flags.http, '--http');
   const activityWindowBytes = parseSize(flags.activityWindow, '--activity-window');
+  const peer = flags.peer === undefined ? undefined : parseHostPort(flags.peer, '--peer');
+  const ackTimeoutMs = parseDuration(flags.ackTimeout, '--ack-timeout');
+  const windowBytes = parseSize(flags.window, '--window');
+  if (windowBytes < 64 * 1024) throw new VolrepError('VOLREP_ERR_SIZE', '--window must be at least 64K');
   const logger = createLogger('volrep-primary');
   const signals = new StopSignals(logger);
   const primary = await startPrimary({
     activityWindowBytes,
+    peer,
+    mode: flags.mode,
+    ackTimeoutMs,
+    windowBytes,
+    assumeClean: flags.assumeClean,
     volumePath: flags.volume,
     metaDir: flags.meta,
     nbd,

@@ -595,6 +595,36 @@ export class Engine {
     this.pump();
   }
 
+  /**
+   * A full sync: every region may differ from the replica (a brand-new pair whose replica holds
+   * unknown bytes). Marks them all and starts a checkpoint; the marks are durable once it
+   * completes, and nothing may be sent to the replica before that (the caller connects after).
+   */
+  markAllDirty(now: number): void {
+    this.advanceTime(now);
+    if (this.connected) throw new EngineError('VOLREP_ERR_STATE', 'mark everything dirty before connecting');
+    this.indicator.setAll();
+    // Regions with updates in flight are now dirty beyond them: an ack must not clean them (H12).
+    for (const entry of this.pending.values()) entry.stale = true;
+    this.startCheckpoint();
+    this.pump();
+  }
+
+  /**
+   * Whether the replica, once it applies everything sent so far, is a state the volume really
+   * had: connected, the resync pass done, and every dirty region dirty only because of updates
+   * already on their way in order. O(updates in flight), never O(regions).
+   */
+  replicaCaughtUp(): boolean {
+    if (!this.connected || this.resyncing || this.resyncRetry.size > 0) return false;
+    let inFlight = 0;
+    for (const entry of this.pending.values()) {
+      if (entry.stale) return false;
+      inFlight += 1;
+    }
+    return this.indicator.count === inFlight;
+  }
+
   // ---------------------------------------------------------------------------------------------
   // Step 1: mark.
 

@@ -51,6 +51,14 @@ export class IndicatorMap {
     return ((this.words[region >>> 5] >>> (region & 31)) & 1) === 1;
   }
 
+  /** Sets every bit (a full sync: everything may differ). */
+  setAll(): void {
+    this.words.fill(0xffffffff);
+    const tail = this.regionCount % WORD_BITS;
+    if (tail !== 0) this.words[this.words.length - 1] = 2 ** tail - 1;
+    this.setCount = this.regionCount;
+  }
+
   /** Sets the bit; returns whether it was already set. */
   set(region: number): boolean {
     this.checkRegion(region);

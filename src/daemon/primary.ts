@@ -7,12 +7,14 @@ import type { Logger } from 'pino';
 import { Counter, Gauge } from 'prom-client';
 import { NbdServer } from '../nbd/server.js';
 import { formatHostPort, type HostPort } from '../util/address.js';
+import { requireLoopback } from '../util/loopback.js';
 import { FileDevice } from '../volume/file-device.js';
 import { Volume, type VolumeStatus } from '../volume/replicated.js';
 import { VolumeFile } from '../volume/volume.js';
 import { startHttp } from './http.js';
 import { listenError } from './listen-error.js';
 import { Metrics } from './metrics.js';
+import { PrimaryReplication, type ReplicationStatus } from './replication.js';
 
 export interface PrimaryOptions {
   volumePath: string;
@@ -23,6 +25,13 @@ export interface PrimaryOptions {
   /** Serve without the engine and refuse writes. */
   readOnly?: boolean;
   activityWindowBytes?: number;
+  /** Replicate to this secondary (loopback only until replication is authenticated). */
+  peer?: HostPort;
+  mode?: 'async' | 'sync';
+  ackTimeoutMs?: number;
+  /** Bytes of updates in flight to the secondary before writes wait. */
+  windowBytes?: number;
+  assumeClean?: boolean;
   logger: Logger;
 }
 
@@ -34,7 +43,7 @@ export interface RunningPrimary {
   close(): Promise<void>;
 }
 
-export interface PrimaryStatus extends Partial<VolumeStatus> {
+export interface PrimaryStatus extends Partial<VolumeStatus>, Partial<ReplicationStatus> {
   role: 'primary';
   volume: { path: string; id: string; size: number; regionSize: number };
   nbd: { address: string; export: string; connections: number };
@@ -45,6 +54,7 @@ interface Served {
   file: VolumeFile;
   device: FileDevice | Volume['device'];
   volume?: Volume;
+  replication?: PrimaryReplication;
   close(): Promise<void>;
 }
 
@@ -54,18 +64,36 @@ async function openServed(opts: PrimaryOptions): Promise<Served> {
     const device = new FileDevice(file.fd, file.size, true);
     return { file, device, close: () => file.close() };
   }
+  if (opts.peer) requireLoopback(opts.peer.host, '--peer');
+  const replication = opts.peer
+    ? new PrimaryReplication({ peer: opts.peer, assumeClean: opts.assumeClean ?? false, logger: opts.logger })
+    : undefined;
   const volume = await Volume.open(opts.volumePath, {
     metaDir: opts.metaDir,
     activityWindowBytes: opts.activityWindowBytes,
+    inflightBytesMax: opts.windowBytes,
+    ackTimeoutMs: opts.ackTimeoutMs,
+    sink: replication,
   });
-  return { file: volume.file, device: volume.device, volume, close: () => volume.close() };
+  volume.driver.syncMode = opts.mode === 'sync';
+  replication?.start(volume);
+  return {
+    file: volume.file,
+    device: volume.device,
+    volume,
+    replication,
+    async close() {
+      await replication?.stop();
+      await volume.close();
+    },
+  };
 }
 
 export async function startPrimary(opts: PrimaryOptions): Promise<RunningPrimary> {
   const served = await openServed(opts);
-  const { file, volume } = served;
+  const { file, volume, replication } = served;
   const metrics = new Metrics();
-  if (volume) registerEngineMetrics(metrics, volume);
+  if (volume) registerEngineMetrics(metrics, volume, replication);
   const nbd = new NbdServer(served.device, {
     exportName: opts.exportName,
     logger: opts.logger,
@@ -90,6 +118,7 @@ export async function startPrimary(opts: PrimaryOptions): Promise<RunningPrimary
     },
     nbd: { address: nbdAddress, export: opts.exportName, connections: nbd.connectionCount },
     ...volume?.status(),
+    ...replication?.status(),
   });
   const routes: Record<string, () => unknown> = volume
     ? { '/dirty': () => ({ regionSize: file.meta.regionSize, ranges: volume.dirtyRanges() }) }
@@ -107,7 +136,14 @@ export async function startPrimary(opts: PrimaryOptions): Promise<RunningPrimary
   }
   const httpAddress = http && formatHostPort({ host: http.address.address, port: http.address.port });
   opts.logger.info(
-    { volume: file.path, nbd: nbdAddress, http: httpAddress, recovery: volume?.driver.recovery },
+    {
+      volume: file.path,
+      nbd: nbdAddress,
+      http: httpAddress,
+      peer: opts.peer,
+      mode: opts.mode,
+      recovery: volume?.driver.recovery,
+    },
     'primary serving',
   );
 
@@ -129,7 +165,7 @@ export async function startPrimary(opts: PrimaryOptions): Promise<RunningPrimary
 }
 
 /** Gauges read from the engine when /metrics is scraped, counters from the driver's tallies. */
-function registerEngineMetrics(metrics: Metrics, volume: Volume): void {
+function registerEngineMetrics(metrics: Metrics, volume: Volume, replication?: PrimaryReplication): void {
   const registers = [metrics.registry];
   const engine = () => volume.driver.engine.stats();
   const counters = volume.driver.counters;
@@ -172,4 +208,25 @@ function registerEngineMetrics(metrics: Metrics, volume: Volume): void {
   tally('volrep_log_records_total', 'Log records appended', () => counters.logRecords);
   tally('volrep_bitmap_persists_total', 'Persistent bitmap writes', () => counters.bitmapPersists);
   tally('volrep_volume_syncs_total', 'Volume fdatasyncs issued by the engine', () => counters.volumeSyncs);
+  tally(
+    'volrep_replicated_bytes_total',
+    'Bytes of client updates sent to the secondary',
+    () => counters.replicatedBytes,
+  );
+  tally(
+    'volrep_resync_bytes_total',
+    'Bytes of resync content sent to the secondary',
+    () => counters.resyncBytes,
+  );
+  tally('volrep_acks_total', 'Acks received from the secondary', () => counters.acks);
+  tally('volrep_reconnects_total', 'Reconnections after a lost link', () => replication?.reconnects ?? 0);
+  new Gauge({
+    name: 'volrep_peer_connected',
+    help: '1 while connected to the secondary',
+    registers,
+    collect() {
+      const state = replication?.status().peer.state;
+      this.set(state === 'connected' || state === 'resyncing' ? 1 : 0);
+    },
+  });
 }

@@ -37,6 +37,8 @@ export interface UpdateSink {
     length: number;
     kind: WriteKind;
     data: Uint8Array | null;
+    /** Resync content (a region read from the volume) rather than a client write. */
+    resync: boolean;
   }): void;
   sendBarrier(barrierId: number, afterUpdateId: number): void;
   /** The engine gave up on the connection (ack timeout): close it, then call disconnected(). */
@@ -67,7 +69,25 @@ export class ReplicationDriver {
   private ioCount = 0;
   private idleWaiters: Array<() => void> = [];
   /** Counts of durable-state work, for metrics. */
-  readonly counters = { logRecords: 0, logSyncs: 0, bitmapPersists: 0, volumeSyncs: 0 };
+  readonly counters = {
+    logRecords: 0,
+    logSyncs: 0,
+    bitmapPersists: 0,
+    volumeSyncs: 0,
+    replicatedBytes: 0,
+    resyncBytes: 0,
+    acks: 0,
+  };
+  /**
+   * Sync mode: a transaction completes only when the secondary has acked its last update. While
+   * there is no connection, transactions complete locally (their regions stay dirty).
+   */
+  syncMode = false;
+  /** Highest update id of each transaction in progress (for sync mode). */
+  private readonly txLastId = new Map<number, number>();
+  /** Sync mode: transactions on the volume, waiting for the ack of their last update. */
+  private awaitingAck: Array<{ lastId: number; resolve: () => void }> = [];
+  private checkpointWaiters: Array<() => void> = [];
 
   private constructor(
     readonly engine: Engine,
@@ -148,16 +168,54 @@ export class ReplicationDriver {
     this.event((t) => this.engine.submitBarrier(t));
   }
 
+  /** A cumulative ack. Throws VOLREP_ERR_PROTOCOL (state unchanged) for an id never sent. */
   ack(updateId: number): void {
     this.event((t) => this.engine.handleAck(updateId, t));
+    this.counters.acks++;
+    this.releaseAcked(updateId);
   }
 
+  /** Throws VOLREP_ERR_PROTOCOL (state unchanged) if the secondary claims an id never issued. */
   connected(lastAppliedId: number): void {
     this.event((t) => this.engine.handleConnected(lastAppliedId, t));
+    this.releaseAcked(lastAppliedId);
   }
 
   disconnected(): void {
     this.event((t) => this.engine.handleDisconnected(t));
+    // Sync mode degrades to local completion while there is no secondary to wait for.
+    for (const w of this.awaitingAck.splice(0)) w.resolve();
+  }
+
+  /** Marks every region dirty (full sync) and resolves once that is durable in the bitmap. */
+  markAllDirty(): Promise<void> {
+    this.event((t) => this.engine.markAllDirty(t));
+    return this.checkpointSettled();
+  }
+
+  /** A barrier whose id the caller can recognise when the sink gets it. */
+  submitBarrier(): number {
+    let id = 0;
+    this.event((t) => {
+      id = this.engine.submitBarrier(t);
+    });
+    return id;
+  }
+
+  private checkpointSettled(): Promise<void> {
+    if (this.failure !== null) return Promise.reject(this.failure);
+    if (!this.engine.stats().checkpointInFlight) return Promise.resolve();
+    return new Promise((resolve) => this.checkpointWaiters.push(resolve));
+  }
+
+  private releaseAcked(ackedId: number): void {
+    if (this.awaitingAck.length === 0) return;
+    const still: typeof this.awaitingAck = [];
+    for (const w of this.awaitingAck) {
+      if (w.lastId <= ackedId) w.resolve();
+      else still.push(w);
+    }
+    this.awaitingAck = still;
   }
 
   /** Persists the bitmap, waits for all I/O to settle, and closes the files. */
@@ -200,6 +258,7 @@ export class ReplicationDriver {
         this.log.setTail(a.upToLsn, a.idLimit);
         break;
       case 'writeVolume': {
+        this.txLastId.set(a.txId, Math.max(this.txLastId.get(a.txId) ?? 0, a.updateId));
         const data = this.txs.get(a.txId)?.data[a.index] ?? null;
         this.buffers.set(a.updateId, data);
         this.io(this.volume.write(a.offset, a.length, a.kind, data), () =>
@@ -216,7 +275,17 @@ export class ReplicationDriver {
       case 'send': {
         const data = this.buffers.get(a.updateId) ?? null;
         this.buffers.delete(a.updateId);
-        this.sink.send({ updateId: a.updateId, offset: a.offset, length: a.length, kind: a.kind, data });
+        const resync = a.source.type === 'resync';
+        if (resync) this.counters.resyncBytes += a.length;
+        else this.counters.replicatedBytes += a.length;
+        this.sink.send({
+          updateId: a.updateId,
+          offset: a.offset,
+          length: a.length,
+          kind: a.kind,
+          data,
+          resync,
+        });
         break;
       }
       case 'dropUpdate':
@@ -225,14 +294,21 @@ export class ReplicationDriver {
       case 'complete': {
         const tx = this.txs.get(a.txId);
         this.txs.delete(a.txId);
-        tx?.resolve();
+        const lastId = this.txLastId.get(a.txId) ?? 0;
+        this.txLastId.delete(a.txId);
+        if (tx && this.syncMode && this.engine.isConnected())
+          this.awaitingAck.push({ lastId, resolve: tx.resolve });
+        else tx?.resolve();
         break;
       }
       case 'persistBitmap':
         this.counters.bitmapPersists++;
-        this.io(this.bitmap.persist(a.bitmap, a.coveredLsn, a.idLimit), () =>
-          this.engine.handleBitmapPersisted(a.checkpointId, now()),
-        );
+        this.io(this.bitmap.persist(a.bitmap, a.coveredLsn, a.idLimit), () => {
+          this.engine.handleBitmapPersisted(a.checkpointId, now());
+          if (!this.engine.stats().checkpointInFlight) {
+            for (const wake of this.checkpointWaiters.splice(0)) wake();
+          }
+        });
         break;
       case 'syncVolume':
         this.counters.volumeSyncs++;
@@ -273,6 +349,7 @@ export class ReplicationDriver {
     if (this.timer) clearInterval(this.timer);
     for (const tx of this.txs.values()) tx.reject(this.failure);
     this.txs.clear();
+    for (const w of this.awaitingAck.splice(0)) w.resolve();
   }
 }
 

@@ -192,9 +192,12 @@ export class Applier {
       this.fail(err as Error);
       return;
     }
-    const advanced = target.lastAppliedUpdate > this.durable.lastAppliedUpdate;
+    // An ack also tells the primary when the consistency mark changed (the end of a resync).
+    const changed =
+      target.lastAppliedUpdate > this.durable.lastAppliedUpdate ||
+      target.consistent !== this.durable.consistent;
     this.durable = target;
-    if (advanced) this.onAck(target.lastAppliedUpdate);
+    if (changed) this.onAck(target.lastAppliedUpdate);
   }
 
   private fail(err: Error): void {
