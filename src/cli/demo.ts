@@ -1,14 +1,17 @@
 /**
- * `volrep demo`: a self-contained run of the main job on an embedded default. It creates a volume
- * in a temporary directory, serves it over NBD on 127.0.0.1, writes a workload through NBD with
- * volrep's own client, and checks that what reads back and what is on disk match what was written.
+ * `volrep demo`: the main job on an embedded default, in a temporary directory. It creates a
+ * primary and a secondary volume, starts both on 127.0.0.1 with the replication link running
+ * through a switch the demo can open, writes a workload through NBD, cuts the link, writes more
+ * (the dirty count grows), restores the link, shows the resync, and ends by comparing checksums.
  */
 import { createHash, randomBytes } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import pino from 'pino';
-import { startPrimary } from '../daemon/primary.js';
+import { type RunningPrimary, startPrimary } from '../daemon/primary.js';
+import { startSecondary } from '../daemon/secondary.js';
 import { NbdClient } from '../nbd/client.js';
 import { VolrepError } from '../util/errors.js';
 import { formatSize, parseSize } from '../util/size.js';
@@ -19,8 +22,8 @@ export interface DemoFlags {
   keep: boolean;
 }
 
-const WRITE_COUNT = 2000;
 const QUEUE_DEPTH = 16;
+const DEADLINE_MS = 50_000;
 
 export async function runDemo(flags: DemoFlags): Promise<void> {
   const size = parseSize(flags.size, '--size');
@@ -28,76 +31,188 @@ export async function runDemo(flags: DemoFlags): Promise<void> {
     throw new VolrepError('VOLREP_ERR_SIZE', '--size must be at least 16M for the demo');
   const say = (line: string) => process.stdout.write(`${line}\n`);
   const dir = await fsp.mkdtemp(path.join(os.tmpdir(), 'volrep-demo-'));
-  const volumePath = path.join(dir, 'primary.img');
+  const logger = pino(
+    { level: process.env.VOLREP_LOG_LEVEL ?? 'warn' },
+    pino.destination({ fd: 2, sync: true }),
+  );
+  const cleanup: (() => Promise<unknown>)[] = [];
+  const started = Date.now();
   try {
-    const meta = await createVolume({ volumePath, size });
+    const primaryPath = path.join(dir, 'primary.img');
+    const replicaPath = path.join(dir, 'replica.img');
+    const meta = await createVolume({ volumePath: primaryPath, size });
+    await createVolume({ volumePath: replicaPath, size, role: 'secondary', volumeId: meta.volumeId });
     say(
-      `created ${volumePath}: ${formatSize(size)}, regions of ${formatSize(meta.regionSize)}, id ${meta.volumeId}`,
+      `created ${primaryPath} and its replica ${replicaPath}: ${formatSize(size)}, regions of ${formatSize(meta.regionSize)}`,
     );
+
+    const secondary = await startSecondary({
+      volumePath: replicaPath,
+      listen: { host: '127.0.0.1', port: 0 },
+      logger,
+    });
+    cleanup.push(() => secondary.close());
+    const link = await LinkSwitch.start(Number(secondary.listenAddress.split(':').pop()));
+    cleanup.push(() => link.close());
+    // Both volumes were just created, all zero: they are identical, no initial full sync needed.
     const primary = await startPrimary({
-      volumePath,
+      volumePath: primaryPath,
       nbd: { host: '127.0.0.1', port: 0 },
       exportName: 'volrep',
-      logger: pino({ level: 'warn' }, pino.destination({ fd: 2, sync: true })),
+      peer: { host: '127.0.0.1', port: link.port },
+      assumeClean: true,
+      logger,
     });
-    say(`serving it over NBD at nbd://${primary.nbdAddress}/volrep`);
+    cleanup.unshift(() => primary.close());
+    say(`primary serves nbd://${primary.nbdAddress}/volrep and replicates to ${secondary.listenAddress}`);
     const [host, port] = splitAddress(primary.nbdAddress);
     const client = await NbdClient.connect(host, port, 'volrep');
+    cleanup.unshift(() => client.close().catch(() => {}));
 
-    // The expected content, kept in memory: the volume starts all zero.
-    const expected = Buffer.alloc(size);
-    const started = performance.now();
-    let bytes = 0;
-    // Each worker writes in a stripe of its own, so no two requests in flight overlap and the
-    // expected content does not depend on the order in which concurrent requests complete.
-    const stripe = Math.floor(size / QUEUE_DEPTH / 4096) * 4096;
-    const worker = async (w: number) => {
-      for (let i = w; i < WRITE_COUNT; i += QUEUE_DEPTH) {
-        const length = 4096 * (1 + (i % 16));
-        const offset = w * stripe + Math.floor(Math.random() * ((stripe - length) / 4096)) * 4096;
-        if (i % 50 === 49) {
-          await client.writeZeroes(offset, length);
-          expected.fill(0, offset, offset + length);
-        } else {
-          const data = randomBytes(length);
-          data.copy(expected, offset);
-          await client.write(offset, data);
-        }
-        bytes += length;
-      }
-    };
-    await Promise.all(Array.from({ length: QUEUE_DEPTH }, (_, w) => worker(w)));
-    await client.flush();
-    const seconds = (performance.now() - started) / 1000;
+    await waitFor(() => primary.status().peer?.state === 'connected', 'the link to come up');
+    let took = await writeWorkload(client, size, 2000);
+    say(`wrote 2000 requests through NBD in ${took.toFixed(2)} s`);
+    await waitInSync(primary);
     say(
-      `wrote ${WRITE_COUNT} requests (${formatSize(Math.round(bytes / 1024) * 1024)}) at queue depth ${QUEUE_DEPTH} in ${seconds.toFixed(2)} s, flushed`,
+      `in sync: dirty regions 0, replica consistent, acked through update ${primary.status().replica?.lastAckedUpdate}`,
     );
 
-    const readBack = Buffer.alloc(size);
-    for (let at = 0; at < size; at += 4 * 1024 * 1024) {
-      const n = Math.min(4 * 1024 * 1024, size - at);
-      (await client.read(at, n)).copy(readBack, at);
-    }
-    await client.close();
-    await primary.close();
+    link.cut();
+    await waitFor(() => primary.status().peer?.state !== 'connected', 'the primary to notice the cut');
+    say('link CUT');
+    took = await writeWorkload(client, size, 300);
+    const dirty = primary.status().dirtyRegions ?? 0;
+    say(
+      `wrote 300 more requests in ${took.toFixed(2)} s while cut: ${dirty} dirty regions (${mib(dirty * meta.regionSize)}) to resend`,
+    );
 
-    const want = sha256(expected);
-    const viaNbd = sha256(readBack);
-    const onDisk = sha256(await fsp.readFile(volumePath));
-    say(`sha256 expected   ${want}`);
-    say(`sha256 read (NBD) ${viaNbd}`);
-    say(`sha256 on disk    ${onDisk}`);
-    if (want !== viaNbd || want !== onDisk)
-      throw new Error('demo FAILED: the volume does not hold what was written');
-    say('demo OK: every byte read back matches what was written');
+    link.restore();
+    say('link RESTORED: resyncing only the dirty regions');
+    let last = '';
+    await waitFor(() => {
+      const s = primary.status();
+      const line = `  ${s.peer?.state}: ${s.resync?.doneBytes ?? 0} of ${s.resync?.totalBytes ?? 0} bytes, ${s.dirtyRegions} dirty`;
+      if (line !== last) say(line);
+      last = line;
+      return isInSync(s);
+    }, 'the resync to finish');
+    const sent = primary.status().resync?.doneBytes ?? 0;
+    say(`resync done: ${mib(sent)} sent for ${dirty} dirty regions, of a ${mib(size)} volume`);
+    await client.flush();
+    await waitInSync(primary);
+
+    const [p, r] = await Promise.all([sha256File(primaryPath), sha256File(replicaPath)]);
+    say(`sha256 primary ${p}`);
+    say(`sha256 replica ${r}`);
+    if (p !== r) throw new Error('demo FAILED: the replica differs from the primary');
+    say(
+      `demo OK: the replica is byte-identical to the primary (${((Date.now() - started) / 1000).toFixed(1)} s)`,
+    );
   } finally {
+    for (const step of cleanup) await step().catch(() => {});
     if (flags.keep) say(`kept ${dir}`);
     else await fsp.rm(dir, { recursive: true, force: true });
   }
 }
 
-function sha256(buf: Buffer): string {
-  return createHash('sha256').update(buf).digest('hex');
+/** Random writes and some zeroes at queue depth 16, each worker in its own stripe. */
+async function writeWorkload(client: NbdClient, size: number, count: number): Promise<number> {
+  const started = performance.now();
+  const stripe = Math.floor(size / QUEUE_DEPTH / 4096) * 4096;
+  const worker = async (w: number) => {
+    for (let i = w; i < count; i += QUEUE_DEPTH) {
+      const length = 4096 * (1 + (i % 16));
+      const offset = w * stripe + Math.floor(Math.random() * ((stripe - length) / 4096)) * 4096;
+      if (i % 50 === 49) await client.writeZeroes(offset, length);
+      else await client.write(offset, randomBytes(length));
+    }
+  };
+  await Promise.all(Array.from({ length: QUEUE_DEPTH }, (_, w) => worker(w)));
+  return (performance.now() - started) / 1000;
+}
+
+function isInSync(s: ReturnType<RunningPrimary['status']>): boolean {
+  return (
+    s.peer?.state === 'connected' &&
+    s.dirtyRegions === 0 &&
+    s.pendingUpdates === 0 &&
+    s.replica?.consistent === true
+  );
+}
+
+function waitInSync(primary: RunningPrimary): Promise<void> {
+  return waitFor(() => isInSync(primary.status()), 'primary and replica to be in sync');
+}
+
+async function waitFor(check: () => boolean, what: string): Promise<void> {
+  const deadline = Date.now() + DEADLINE_MS;
+  while (!check()) {
+    if (Date.now() > deadline) throw new Error(`demo FAILED: timed out waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+}
+
+/** A TCP relay on 127.0.0.1 standing in for the network between the two nodes. */
+class LinkSwitch {
+  private readonly sockets = new Set<net.Socket>();
+  private open = true;
+
+  private constructor(
+    private readonly server: net.Server,
+    readonly port: number,
+  ) {}
+
+  static async start(targetPort: number): Promise<LinkSwitch> {
+    let self: LinkSwitch | undefined;
+    const server = net.createServer((client) => {
+      if (!self?.open) return client.destroy();
+      const upstream = net.connect({ host: '127.0.0.1', port: targetPort });
+      for (const [a, b] of [
+        [client, upstream],
+        [upstream, client],
+      ]) {
+        self.sockets.add(a);
+        a.on('error', () => {});
+        a.on('close', () => {
+          b.destroy();
+          self?.sockets.delete(a);
+        });
+        a.pipe(b);
+      }
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', () => resolve()));
+    self = new LinkSwitch(server, (server.address() as net.AddressInfo).port);
+    return self;
+  }
+
+  cut(): void {
+    this.open = false;
+    for (const s of this.sockets) s.destroy();
+  }
+
+  restore(): void {
+    this.open = true;
+  }
+
+  close(): Promise<void> {
+    this.cut();
+    return new Promise((resolve) => this.server.close(() => resolve()));
+  }
+}
+
+async function sha256File(file: string): Promise<string> {
+  const hash = createHash('sha256');
+  const handle = await fsp.open(file, 'r');
+  try {
+    for await (const chunk of handle.createReadStream()) hash.update(chunk as Buffer);
+  } finally {
+    await handle.close().catch(() => {});
+  }
+  return hash.digest('hex');
+}
+
+function mib(bytes: number): string {
+  return `${(bytes / 1024 ** 2).toFixed(1)} MiB`;
 }
 
 function splitAddress(address: string): [string, number] {

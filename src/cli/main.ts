@@ -8,6 +8,7 @@ import { runCreate } from './create.js';
 import { runDemo } from './demo.js';
 import { runPrimary } from './primary.js';
 import { runSecondary } from './secondary.js';
+import { runStatus } from './status.js';
 
 function buildProgram(): Command {
   const program = new Command('volrep')
@@ -64,6 +65,14 @@ function buildProgram(): Command {
     .option('--listen <host:port>', 'replication listen address (loopback only for now)', '127.0.0.1:10810')
     .option('--http <host:port>', 'serve /status and /metrics on this address')
     .action(runSecondary);
+
+  program
+    .command('status')
+    .description("show a running daemon's state (from its --http address)")
+    .requiredOption('--http <host:port>', "the daemon's --http address")
+    .option('--json', 'print the raw JSON', false)
+    .option('--watch', 'redraw every second (progress bar and ETA while resyncing)', false)
+    .action(runStatus);
 
   program
     .command('demo')

@@ -579,6 +579,11 @@ export class Engine {
    * A FLUSH from a client (H13): returns a barrier id; a `sendBarrier` follows once every
    * update issued so far is on the stream (none if there is no connection then).
    */
+  /** The id the next submitBarrier will return (its sendBarrier may come before it returns). */
+  get upcomingBarrierId(): number {
+    return this.nextBarrierId;
+  }
+
   submitBarrier(now: number): number {
     this.advanceTime(now);
     const barrier = { barrierId: this.nextBarrierId, afterUpdateId: this.nextId - 1 };

@@ -199,6 +199,10 @@ export class PrimaryReplication implements UpdateSink {
   private checkCaughtUp(): void {
     if (!this.resyncing || this.resyncEndBarrier !== 0 || !this.engineConnected) return;
     if (!this.volume.driver.engine.replicaCaughtUp()) return;
-    this.resyncEndBarrier = this.volume.driver.submitBarrier();
+    // The barrier may be sent before submitBarrier returns: know its id beforehand.
+    this.resyncEndBarrier = this.volume.driver.engine.upcomingBarrierId;
+    const id = this.volume.driver.submitBarrier();
+    if (id !== this.resyncEndBarrier)
+      throw new Error(`resync end barrier ${id} is not the expected ${this.resyncEndBarrier}`);
   }
 }

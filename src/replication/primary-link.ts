@@ -172,7 +172,8 @@ export class PrimaryLink {
       const wasConnected = this.linkState === 'connected';
       this.linkState = 'disconnected';
       if (wasConnected) {
-        logger.warn({ reason: closeReason }, 'replication link down');
+        if (this.stopped) logger.debug('replication link closed');
+        else logger.warn({ reason: closeReason }, 'replication link down');
         events.disconnected(closeReason);
       } else {
         logger.debug({ reason: closeReason }, 'could not connect to secondary');
