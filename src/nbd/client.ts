@@ -153,6 +153,7 @@ export class NbdClient {
     const header = Buffer.alloc(P.REQUEST_HEADER_BYTES);
     header.writeUInt32BE(P.REQUEST_MAGIC, 0);
     header.writeUInt16BE(P.CMD_DISC, 6);
+    if (this.socket.destroyed) return;
     await new Promise<void>((resolve) => {
       this.socket.once('close', () => resolve());
       this.socket.end(header);

@@ -25,13 +25,20 @@ function isAlive(pid: number): boolean {
  * with O_EXCL. A lock whose owner is gone (killed with SIGKILL) is stale and taken over.
  */
 export class VolumeLock {
+  /** Lock files this process holds: the pid in the file cannot tell two holders in one process apart. */
+  private static readonly held = new Set<string>();
+
   private constructor(private readonly file: string) {}
 
   static async acquire(metaDir: string, volumePath: string): Promise<VolumeLock> {
-    const file = path.join(metaDir, LOCK_FILE);
+    const file = path.resolve(metaDir, LOCK_FILE);
+    if (VolumeLock.held.has(file)) {
+      throw new VolrepError('VOLREP_ERR_LOCKED', `volume ${volumePath} is already open in this process`);
+    }
     for (let attempt = 0; attempt < 3; attempt++) {
       try {
         await fsp.writeFile(file, `${process.pid}\n`, { flag: 'wx' });
+        VolumeLock.held.add(file);
         return new VolumeLock(file);
       } catch (err) {
         if (errnoCode(err) !== 'EEXIST') throw err;
@@ -52,6 +59,7 @@ export class VolumeLock {
   }
 
   async release(): Promise<void> {
+    VolumeLock.held.delete(this.file);
     await fsp.rm(this.file, { force: true });
   }
 }
