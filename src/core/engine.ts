@@ -58,10 +58,10 @@ export const LOG_RESYNC_RESERVE_BYTES = RESERVE_RECORD_BYTES * 4;
  * Not smaller: each checkpoint copies the whole bitmap (32 MiB for 16 TiB in 64 KiB regions).
  */
 export const WINDOW_PINNED_MAX = 65536;
-/** Ask for a volume sync at least this often while volume writes are not known durable. */
+/** While clean regions wait on a volume sync to leave the window, ask for one at least this often. */
 export const VOLUME_SYNC_INTERVAL_MS = 1000;
 /** ...or as soon as this many regions hold volume writes not known durable. */
-export const VOLUME_SYNC_REGIONS_MAX = 4096;
+export const VOLUME_SYNC_REGIONS_MAX = 65536;
 
 export type WriteKind = 'data' | 'zero' | 'trim';
 
@@ -805,11 +805,14 @@ export class Engine {
    */
   private maybeSyncVolume(): void {
     if (this.volumeSyncing !== null || this.volumeUnsynced.size === 0) return;
-    const blocked = this.evictWait.size > 0 && this.cover.size > this.config.activityWindowRegions;
+    // A volume sync only serves clean regions waiting to leave the window (H15); syncing for
+    // nothing would make every write pay for disk writeback, which the page cache otherwise hides.
+    const waiting = this.evictWait.size > 0;
+    const blocked = waiting && this.cover.size > this.config.activityWindowRegions;
     const due =
       blocked ||
       this.volumeUnsynced.size >= VOLUME_SYNC_REGIONS_MAX ||
-      this.nowMs - this.lastVolumeSyncMs >= VOLUME_SYNC_INTERVAL_MS;
+      (waiting && this.nowMs - this.lastVolumeSyncMs >= VOLUME_SYNC_INTERVAL_MS);
     if (!due) return;
     this.volumeSyncing = this.volumeUnsynced;
     this.volumeUnsynced = new Set();

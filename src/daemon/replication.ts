@@ -5,7 +5,7 @@
  * marks the resync's start and end in the stream so the secondary knows when it is consistent.
  */
 import type { Logger } from 'pino';
-import type { UpdateSink } from '../log/driver.js';
+import type { Chunks, UpdateSink } from '../log/driver.js';
 import type { Welcome } from '../replication/messages.js';
 import { PrimaryLink } from '../replication/primary-link.js';
 import type { HostPort } from '../util/address.js';
@@ -102,13 +102,12 @@ export class PrimaryReplication implements UpdateSink {
     offset: number;
     length: number;
     kind: 'data' | 'zero' | 'trim';
-    data: Uint8Array | null;
+    data: Chunks | null;
     resync: boolean;
   }): void {
-    const data =
-      update.data === null
-        ? []
-        : [Buffer.from(update.data.buffer, update.data.byteOffset, update.data.byteLength)];
+    const data = (update.data ?? []).map((c) =>
+      Buffer.isBuffer(c) ? c : Buffer.from(c.buffer, c.byteOffset, c.byteLength),
+    );
     this.link.sendUpdate(
       {
         id: update.updateId,

@@ -22,9 +22,12 @@ export const DRIVER_TICK_MS = 100;
 export const LOG_FILE_NAME = 'log';
 export const BITMAP_FILE_NAME = 'bitmap';
 
+/** A write's bytes as the pieces they arrived in (e.g. socket chunks), never joined by the driver. */
+export type Chunks = readonly Uint8Array[];
+
 /** The volume as the driver needs it. `data` is null for zero and trim: write zeroes. */
 export interface VolumeIo {
-  write(offset: number, length: number, kind: WriteKind, data: Uint8Array | null): Promise<void>;
+  write(offset: number, length: number, kind: WriteKind, data: Chunks | null): Promise<void>;
   read(offset: number, length: number): Promise<Uint8Array>;
   sync(): Promise<void>;
 }
@@ -36,7 +39,7 @@ export interface UpdateSink {
     offset: number;
     length: number;
     kind: WriteKind;
-    data: Uint8Array | null;
+    data: Chunks | null;
     /** Resync content (a region read from the volume) rather than a client write. */
     resync: boolean;
   }): void;
@@ -48,13 +51,13 @@ export interface UpdateSink {
 export interface DriverWrite {
   offset: number;
   kind: WriteKind;
-  /** The bytes for 'data'; for 'zero' and 'trim' only `length` is used. */
-  data?: Uint8Array;
+  /** The bytes for 'data' (one buffer or its pieces); for 'zero' and 'trim' only `length` is used. */
+  data?: Uint8Array | Chunks;
   length?: number;
 }
 
 interface PendingTx {
-  data: Array<Uint8Array | null>;
+  data: Array<Chunks | null>;
   resolve: () => void;
   reject: (err: unknown) => void;
 }
@@ -62,7 +65,7 @@ interface PendingTx {
 export class ReplicationDriver {
   private readonly txs = new Map<number, PendingTx>();
   /** Buffers by update id, from the volume write (or resync read) until send or drop. */
-  private readonly buffers = new Map<number, Uint8Array | null>();
+  private readonly buffers = new Map<number, Chunks | null>();
   private failure: unknown = null;
   private timer: NodeJS.Timeout | null = null;
   private pumping = false;
@@ -153,12 +156,16 @@ export class ReplicationDriver {
     if (this.failure !== null) return Promise.reject(this.failure);
     const requests = writes.map((w) => ({
       offset: w.offset,
-      length: w.kind === 'data' ? (w.data?.length ?? 0) : (w.length ?? 0),
+      length: w.kind === 'data' ? chunksLength(w.data) : (w.length ?? 0),
       kind: w.kind,
     }));
     return new Promise<void>((resolve, reject) => {
       const txId = this.engine.submitTransaction(requests, now());
-      this.txs.set(txId, { data: writes.map((w) => (w.kind === 'data' ? w.data! : null)), resolve, reject });
+      this.txs.set(txId, {
+        data: writes.map((w) => (w.kind === 'data' ? asChunks(w.data!) : null)),
+        resolve,
+        reject,
+      });
       this.pump();
     });
   }
@@ -268,7 +275,7 @@ export class ReplicationDriver {
       }
       case 'readRegion':
         this.io(
-          this.volume.read(a.offset, a.length).then((buf) => this.buffers.set(a.updateId, buf)),
+          this.volume.read(a.offset, a.length).then((buf) => this.buffers.set(a.updateId, [buf])),
           () => this.engine.handleResyncRead(a.updateId, now()),
         );
         break;
@@ -351,6 +358,18 @@ export class ReplicationDriver {
     this.txs.clear();
     for (const w of this.awaitingAck.splice(0)) w.resolve();
   }
+}
+
+function asChunks(data: Uint8Array | Chunks): Chunks {
+  return data instanceof Uint8Array ? [data] : data;
+}
+
+function chunksLength(data: Uint8Array | Chunks | undefined): number {
+  if (data === undefined) return 0;
+  if (data instanceof Uint8Array) return data.length;
+  let n = 0;
+  for (const c of data) n += c.length;
+  return n;
 }
 
 function now(): number {

@@ -5,7 +5,13 @@
  * and stay dirty until the secondary acks them — or forever, while there is no secondary.
  */
 import { WRITE_BYTES_MAX, type WriteKind } from '../core/engine.js';
-import { type DriverWrite, ReplicationDriver, type UpdateSink, type VolumeIo } from '../log/driver.js';
+import {
+  type Chunks,
+  type DriverWrite,
+  ReplicationDriver,
+  type UpdateSink,
+  type VolumeIo,
+} from '../log/driver.js';
 import type { BlockDevice, Done } from '../nbd/device.js';
 import { VolrepError } from '../util/errors.js';
 import { FileDevice } from './file-device.js';
@@ -171,6 +177,15 @@ export class Transaction {
     return this.add(offset, data.length, 'data', data);
   }
 
+  /** @internal A write whose bytes are `chunks` in order (at most WRITE_BYTES_MAX in all). */
+  writeChunks(offset: number, chunks: Chunks, length: number): this {
+    if (this.committed) throw new VolrepError('VOLREP_ERR_USAGE', 'transaction already committed');
+    this.volume.checkRange(offset, length);
+    if (length > WRITE_BYTES_MAX) throw new VolrepError('VOLREP_ERR_USAGE', 'write too large for one piece');
+    if (length > 0) this.writes.push({ offset, kind: 'data', data: chunks });
+    return this;
+  }
+
   zero(offset: number, length: number): this {
     return this.add(offset, length, 'zero');
   }
@@ -223,10 +238,8 @@ class EngineDevice implements BlockDevice {
   }
 
   write(offset: number, data: Buffer[], length: number, fua: boolean, done: Done): void {
-    // The engine keeps one buffer per update until it is sent; a payload that arrived in several
-    // socket chunks is joined here, its only copy.
-    const buf = data.length === 1 ? data[0] : Buffer.concat(data, length);
-    this.run(this.volume.transaction().write(offset, buf), fua, done);
+    // The payload stays as the socket chunks it arrived in, through the volume write and the send.
+    this.run(this.volume.transaction().writeChunks(offset, data, length), fua, done);
   }
 
   writeZeroes(offset: number, length: number, fua: boolean, done: Done): void {
@@ -257,8 +270,10 @@ function volumeIo(raw: FileDevice): VolumeIo {
       return new Promise((resolve, reject) => {
         const done: Done = (err) => (err ? reject(err) : resolve());
         if (kind === 'data') {
-          const view = Buffer.from(data!.buffer, data!.byteOffset, data!.byteLength);
-          raw.write(offset, [view], length, false, done);
+          const views = data!.map((c) =>
+            Buffer.isBuffer(c) ? c : Buffer.from(c.buffer, c.byteOffset, c.byteLength),
+          );
+          raw.write(offset, views, length, false, done);
         } else {
           raw.writeZeroes(offset, length, false, done);
         }

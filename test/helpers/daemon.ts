@@ -108,3 +108,73 @@ export function needTool(tool: string, debianPackage: string): string | undefine
   if (process.env.CI) throw new Error(`${tool} is missing in CI: .ci/run must install ${debianPackage}`);
   return `${tool} not installed (apt-get install ${debianPackage})`;
 }
+
+export interface SecondaryDaemon {
+  child: ChildProcess;
+  /** The replication listen address (host:port). */
+  listen: string;
+  http?: string;
+  stderr(): string;
+  /** SIGTERM and wait for exit; returns the exit code. */
+  stop(): Promise<number | null>;
+  /** SIGKILL and wait for exit. */
+  kill(): Promise<void>;
+}
+
+/**
+ * Starts `volrep secondary --volume VOLUME` listening on `opts.listen` (default an OS-chosen port on
+ * 127.0.0.1), with HTTP on an OS-chosen port if asked; resolves on its "secondary serving" line.
+ */
+export async function startSecondary(
+  volume: string,
+  opts: { listen?: string; http?: boolean; extra?: string[] } = {},
+): Promise<SecondaryDaemon> {
+  const args = [
+    'secondary',
+    '--volume',
+    volume,
+    '--listen',
+    opts.listen ?? '127.0.0.1:0',
+    ...(opts.extra ?? []),
+  ];
+  if (opts.http) args.push('--http', '127.0.0.1:0');
+  const child = spawn(process.execPath, [VOLREP_BIN, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let err = '';
+  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+  const ready = await new Promise<{ listen: string; http?: string }>((resolve, reject) => {
+    const timer = setTimeout(() => {
+      child.kill('SIGKILL');
+      reject(new Error(`secondary did not start in time:\n${err}`));
+    }, 15_000);
+    child.stderr!.setEncoding('utf8');
+    child.stderr!.on('data', (chunk: string) => {
+      err += chunk;
+      for (const line of err.split('\n')) {
+        if (!line.includes('"secondary serving"')) continue;
+        clearTimeout(timer);
+        const parsed = JSON.parse(line) as { listen: string; http?: string };
+        resolve({ listen: parsed.listen, http: parsed.http });
+        return;
+      }
+    });
+    child.once('exit', (code) => {
+      clearTimeout(timer);
+      reject(new Error(`secondary exited with ${code} before it was ready:\n${err}`));
+    });
+  });
+  child.stdout!.resume();
+  return {
+    child,
+    listen: ready.listen,
+    http: ready.http,
+    stderr: () => err,
+    async stop() {
+      if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
+      return exited;
+    },
+    async kill() {
+      if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+      await exited;
+    },
+  };
+}

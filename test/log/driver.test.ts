@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
 import type { WriteKind } from '../../src/core/engine.js';
-import { ReplicationDriver, type UpdateSink, type VolumeIo } from '../../src/log/driver.js';
+import { type Chunks, ReplicationDriver, type UpdateSink, type VolumeIo } from '../../src/log/driver.js';
 
 const KiB = 1024;
 const VOLUME_BYTES = 256 * KiB;
@@ -13,8 +13,9 @@ const VOLUME_BYTES = 256 * KiB;
 class MemVolume implements VolumeIo {
   bytes = new Uint8Array(VOLUME_BYTES);
   syncs = 0;
-  async write(offset: number, length: number, _kind: WriteKind, data: Uint8Array | null): Promise<void> {
-    this.bytes.set(data ?? new Uint8Array(length), offset);
+  async write(offset: number, length: number, _kind: WriteKind, data: Chunks | null): Promise<void> {
+    if (data === null) this.bytes.set(new Uint8Array(length), offset);
+    else this.bytes.set(Buffer.concat(data), offset);
   }
   async read(offset: number, length: number): Promise<Uint8Array> {
     return this.bytes.slice(offset, offset + length);
@@ -30,9 +31,9 @@ class Replica implements UpdateSink {
   lastApplied = 0;
   barriers = 0;
   driver: ReplicationDriver | null = null;
-  send(u: { updateId: number; offset: number; length: number; data: Uint8Array | null }): void {
+  send(u: { updateId: number; offset: number; length: number; data: Chunks | null }): void {
     assert.ok(u.updateId > this.lastApplied);
-    this.bytes.set(u.data ?? new Uint8Array(u.length), u.offset);
+    this.bytes.set(u.data === null ? new Uint8Array(u.length) : Buffer.concat(u.data), u.offset);
     this.lastApplied = u.updateId;
     queueMicrotask(() => this.driver?.ack(u.updateId));
   }
