@@ -23,6 +23,7 @@ export const RECONNECT_DELAY_MS_MIN = 100;
 export const RECONNECT_DELAY_MS_MAX = 5_000;
 /** Without any frame from the secondary for this long while connected, a keep-alive goes out. */
 export const KEEP_ALIVE_INTERVAL_MS = 1_000;
+/** Covers the TCP connect and the hello/welcome exchange: a secondary that never answers is dropped. */
 export const CONNECT_TIMEOUT_MS = 5_000;
 
 export type LinkState = 'connecting' | 'connected' | 'disconnected';
@@ -124,9 +125,11 @@ export class PrimaryLink {
     const decoder = new FrameDecoder();
     let welcomed = false;
     let closeReason = 'connection closed';
-    socket.setTimeout(CONNECT_TIMEOUT_MS, () => socket.destroy(new Error('timed out')));
+    const welcomeTimer = setTimeout(
+      () => socket.destroy(new Error('no welcome from the secondary in time')),
+      CONNECT_TIMEOUT_MS,
+    );
     socket.on('connect', () => {
-      socket.setTimeout(0);
       socket.write(
         Buffer.concat(encodeFrame('hello', [encodeJson({ ...this.opts.hello, role: 'primary' })])),
       );
@@ -152,6 +155,7 @@ export class PrimaryLink {
           if (message.type !== 'welcome')
             return socket.destroy(new Error(`expected welcome, got ${message.type}`));
           welcomed = true;
+          clearTimeout(welcomeTimer);
           this.linkState = 'connected';
           this.delayMs = RECONNECT_DELAY_MS_MIN;
           this.keepAliveTimer = setInterval(
@@ -167,6 +171,7 @@ export class PrimaryLink {
       }
     });
     socket.on('close', () => {
+      clearTimeout(welcomeTimer);
       clearInterval(this.keepAliveTimer);
       if (this.socket === socket) this.socket = undefined;
       const wasConnected = this.linkState === 'connected';

@@ -63,13 +63,6 @@ export class SecondaryLink {
     const peer = `${socket.remoteAddress}:${socket.remotePort}`;
     const log = this.opts.logger.child({ peer });
     socket.on('error', (err) => log.debug({ err }, 'replication socket error'));
-    if (this.current) {
-      log.warn('refused a second primary: one is already connected');
-      socket.end(Buffer.concat(encodeFrame('refuse', [Buffer.from('another primary is already connected')])));
-      return;
-    }
-    this.current = socket;
-    this.peerAddress = peer;
     const applier = this.opts.applier;
     const queue = new ChunkQueue();
     const decoder = new FrameDecoder();
@@ -120,6 +113,14 @@ export class SecondaryLink {
             return refuse(`region size mismatch: primary ${h.regionSize}, replica ${meta.regionSize}`);
           }
           greeted = true;
+          // The newest primary connection wins: after a silent link cut the old one may linger
+          // here long after the primary gave up on it and reconnected.
+          if (this.current && this.current !== socket) {
+            log.warn('a new connection from the primary replaces the previous one');
+            this.current.destroy();
+          }
+          this.current = socket;
+          this.peerAddress = peer;
           socket.pause();
           // Report only what is durable: let the applier finish what an earlier link left.
           void applier.whenIdle().then(() => {
