@@ -1,0 +1,81 @@
+/**
+ * `volrep status` against a running primary, and the loopback-only rule for replication
+ * addresses (refused before any socket is opened).
+ */
+import assert from 'node:assert/strict';
+import { after, before, describe, it } from 'node:test';
+import { assertUsageError, createVolumeCli, volrepAsync } from '../helpers/clients.js';
+import { type Daemon, startPrimary, tempDir } from '../helpers/daemon.js';
+
+describe('volrep status', { timeout: 60_000 }, () => {
+  const { dir, cleanup } = tempDir();
+  let primary: Daemon;
+  let volume: string;
+
+  before(async () => {
+    volume = createVolumeCli(dir, 'v.img', '16M');
+    primary = await startPrimary(volume, { http: true });
+  });
+  after(async () => {
+    await primary?.stop();
+    cleanup();
+  });
+
+  it('prints the state for a person', async () => {
+    const r = await volrepAsync(['status', '--http', primary.http!]);
+    assert.equal(r.code, 0, r.stderr);
+    assert.match(r.stdout, /^role\s+primary$/m);
+    assert.match(r.stdout, /^volume\s+\S+v\.img \(16M, regions of 64K, id [0-9a-f-]{36}\)$/m);
+    assert.match(r.stdout, /^dirty\s+0 region\(s\), 0 B$/m);
+    assert.match(r.stdout, /^log\s+.* used, 0 active transaction\(s\)$/m);
+  });
+
+  it('prints the raw JSON with --json', async () => {
+    const r = await volrepAsync(['status', '--http', primary.http!, '--json']);
+    assert.equal(r.code, 0, r.stderr);
+    const status = JSON.parse(r.stdout) as { role: string; volume: { size: number }; dirtyRegions: number };
+    assert.equal(status.role, 'primary');
+    assert.equal(status.volume.size, 16 * 1024 * 1024);
+    assert.equal(status.dirtyRegions, 0);
+  });
+
+  it('says clearly when nothing answers at the address (exit 1, one line)', async () => {
+    const r = await volrepAsync(['status', '--http', '127.0.0.1:1']);
+    assert.equal(r.code, 1);
+    assert.match(r.stderr, /cannot reach http:\/\/127\.0\.0\.1:1\/status/);
+    assert.equal(r.stderr.trim().split('\n').length, 1);
+  });
+});
+
+describe('replication addresses are loopback only (no authentication yet)', { timeout: 60_000 }, () => {
+  const { dir, cleanup } = tempDir();
+  after(() => cleanup());
+
+  it('a secondary refuses to listen on a non-loopback address', async () => {
+    const volume = createVolumeCli(dir, 's.img', '16M', [
+      '--secondary-of',
+      '00000000-0000-4000-8000-000000000000',
+    ]);
+    // 192.0.2.0/24 is reserved for documentation: nothing is ever sent there, the refusal comes first.
+    assertUsageError(
+      await volrepAsync(['secondary', '--volume', volume, '--listen', '192.0.2.1:10810']),
+      /loopback/,
+    );
+  });
+
+  it('a primary refuses to replicate to a non-loopback peer', async () => {
+    const volume = createVolumeCli(dir, 'p.img', '16M');
+    assertUsageError(
+      await volrepAsync(['primary', '--volume', volume, '--nbd', '127.0.0.1:0', '--peer', '192.0.2.1:10810']),
+      /loopback/,
+    );
+  });
+
+  it('a secondary refuses a volume created as a primary', async () => {
+    const volume = createVolumeCli(dir, 'wrong.img', '16M');
+    assertUsageError(
+      await volrepAsync(['secondary', '--volume', volume, '--listen', '127.0.0.1:0']),
+      /secondary-of/,
+    );
+  });
+});
