@@ -39,52 +39,67 @@ export interface Daemon {
   kill(): Promise<void>;
 }
 
+/**
+ * Spawns `volrep ROLE ARGS`, waits for its JSON ready line (`"<role> serving"`) and returns it
+ * parsed, with stop (SIGTERM) and kill (SIGKILL) that wait for the exit. A daemon that does not
+ * get ready within 15 s is killed.
+ */
+async function spawnDaemon<T>(role: 'primary' | 'secondary', args: string[]) {
+  const child = spawn(process.execPath, [VOLREP_BIN, role, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let err = '';
+  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+  const ready = await new Promise<T>((resolve, reject) => {
+    const timer = setTimeout(() => {
+      child.kill('SIGKILL');
+      reject(new Error(`${role} did not start in time:\n${err}`));
+    }, 15_000);
+    child.stderr!.setEncoding('utf8');
+    child.stderr!.on('data', (chunk: string) => {
+      err += chunk;
+      const line = err.split('\n').find((l) => l.includes(`"${role} serving"`));
+      if (line === undefined) return;
+      clearTimeout(timer);
+      resolve(JSON.parse(line) as T);
+    });
+    child.once('exit', (code) => {
+      clearTimeout(timer);
+      reject(new Error(`${role} exited with ${code} before it was ready:\n${err}`));
+    });
+  });
+  child.stdout!.resume();
+  const running = () => child.exitCode === null && child.signalCode === null;
+  return {
+    ready,
+    child,
+    stderr: () => err,
+    async stop() {
+      if (running()) child.kill('SIGTERM');
+      return exited;
+    },
+    async kill() {
+      if (running()) child.kill('SIGKILL');
+      await exited;
+    },
+  };
+}
+
 /** Starts `volrep primary --volume VOLUME` with NBD (and HTTP if asked) on OS-chosen ports. */
 export async function startPrimary(
   volume: string,
   opts: { http?: boolean; extra?: string[] } = {},
 ): Promise<Daemon> {
-  const args = ['primary', '--volume', volume, '--nbd', '127.0.0.1:0', ...(opts.extra ?? [])];
+  const args = ['--volume', volume, '--nbd', '127.0.0.1:0', ...(opts.extra ?? [])];
   if (opts.http) args.push('--http', '127.0.0.1:0');
-  const child = spawn(process.execPath, [VOLREP_BIN, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let err = '';
-  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
-  const ready = await new Promise<{ nbd: string; http?: string }>((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`primary did not start in time:\n${err}`)), 15_000);
-    child.stderr!.setEncoding('utf8');
-    child.stderr!.on('data', (chunk: string) => {
-      err += chunk;
-      for (const line of err.split('\n')) {
-        if (!line.includes('"primary serving"')) continue;
-        clearTimeout(timer);
-        const parsed = JSON.parse(line) as { nbd: string; http?: string };
-        resolve({ nbd: parsed.nbd, http: parsed.http });
-        return;
-      }
-    });
-    child.once('exit', (code) => {
-      clearTimeout(timer);
-      reject(new Error(`primary exited with ${code} before it was ready:\n${err}`));
-    });
-  });
-  child.stdout!.resume();
-  const [host, port] = [
-    ready.nbd.slice(0, ready.nbd.lastIndexOf(':')),
-    Number(ready.nbd.slice(ready.nbd.lastIndexOf(':') + 1)),
-  ];
+  const { ready, ...daemon } = await spawnDaemon<{ nbd: string; http?: string }>('primary', args);
+  const at = ready.nbd.lastIndexOf(':');
   return {
-    child,
-    nbd: { host, port, uri: `nbd://${ready.nbd}/volrep` },
+    ...daemon,
+    nbd: {
+      host: ready.nbd.slice(0, at),
+      port: Number(ready.nbd.slice(at + 1)),
+      uri: `nbd://${ready.nbd}/volrep`,
+    },
     http: ready.http,
-    stderr: () => err,
-    async stop() {
-      if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
-      return exited;
-    },
-    async kill() {
-      if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
-      await exited;
-    },
   };
 }
 
@@ -129,52 +144,8 @@ export async function startSecondary(
   volume: string,
   opts: { listen?: string; http?: boolean; extra?: string[] } = {},
 ): Promise<SecondaryDaemon> {
-  const args = [
-    'secondary',
-    '--volume',
-    volume,
-    '--listen',
-    opts.listen ?? '127.0.0.1:0',
-    ...(opts.extra ?? []),
-  ];
+  const args = ['--volume', volume, '--listen', opts.listen ?? '127.0.0.1:0', ...(opts.extra ?? [])];
   if (opts.http) args.push('--http', '127.0.0.1:0');
-  const child = spawn(process.execPath, [VOLREP_BIN, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let err = '';
-  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
-  const ready = await new Promise<{ listen: string; http?: string }>((resolve, reject) => {
-    const timer = setTimeout(() => {
-      child.kill('SIGKILL');
-      reject(new Error(`secondary did not start in time:\n${err}`));
-    }, 15_000);
-    child.stderr!.setEncoding('utf8');
-    child.stderr!.on('data', (chunk: string) => {
-      err += chunk;
-      for (const line of err.split('\n')) {
-        if (!line.includes('"secondary serving"')) continue;
-        clearTimeout(timer);
-        const parsed = JSON.parse(line) as { listen: string; http?: string };
-        resolve({ listen: parsed.listen, http: parsed.http });
-        return;
-      }
-    });
-    child.once('exit', (code) => {
-      clearTimeout(timer);
-      reject(new Error(`secondary exited with ${code} before it was ready:\n${err}`));
-    });
-  });
-  child.stdout!.resume();
-  return {
-    child,
-    listen: ready.listen,
-    http: ready.http,
-    stderr: () => err,
-    async stop() {
-      if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
-      return exited;
-    },
-    async kill() {
-      if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
-      await exited;
-    },
-  };
+  const { ready, ...daemon } = await spawnDaemon<{ listen: string; http?: string }>('secondary', args);
+  return { ...daemon, listen: ready.listen, http: ready.http };
 }
