@@ -76,7 +76,12 @@ async function openServed(opts: PrimaryOptions): Promise<Served> {
     sink: replication,
   });
   volume.driver.syncMode = opts.mode === 'sync';
-  replication?.start(volume);
+  try {
+    await replication?.start(volume);
+  } catch (err) {
+    await volume.close();
+    throw err;
+  }
   return {
     file: volume.file,
     device: volume.device,

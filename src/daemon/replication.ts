@@ -4,12 +4,25 @@
  * new connection needs (a full sync for a brand-new replica, a resync of dirty regions), and
  * marks the resync's start and end in the stream so the secondary knows when it is consistent.
  */
+import path from 'node:path';
 import type { Logger } from 'pino';
 import type { Chunks, UpdateSink } from '../log/driver.js';
 import type { Welcome } from '../replication/messages.js';
 import { PrimaryLink } from '../replication/primary-link.js';
 import type { HostPort } from '../util/address.js';
 import type { Volume } from '../volume/replicated.js';
+import { SlotFile } from '../volume/slot-file.js';
+import { PAIR_STATE_FILE } from '../volume/volume.js';
+
+interface PairState {
+  replicaEverSynced: boolean;
+}
+
+function validatePairState(v: unknown): PairState | undefined {
+  if (typeof v !== 'object' || v === null) return undefined;
+  const s = v as Record<string, unknown>;
+  return typeof s.replicaEverSynced === 'boolean' ? { replicaEverSynced: s.replicaEverSynced } : undefined;
+}
 
 /** How often the resync's end is checked for (besides after every ack). */
 const CATCH_UP_CHECK_MS = 100;
@@ -42,16 +55,29 @@ export class PrimaryReplication implements UpdateSink {
   private resyncStartedMs = 0;
   private resyncStartBytes = 0;
   private resyncTotalBytes = 0;
-  private readonly timer: NodeJS.Timeout;
+  private timer: NodeJS.Timeout | undefined;
+  private connectGeneration = 0;
+  private pairState!: SlotFile<PairState>;
+  private pairStateWrite: Promise<void> = Promise.resolve();
+  /** A replica of this primary has been consistent at least once (persisted in pair-state). */
+  private replicaEverSynced = false;
 
-  constructor(private readonly opts: ReplicationOptions) {
+  constructor(private readonly opts: ReplicationOptions) {}
+
+  /**
+   * Starts connecting; the volume must have been opened with this object as its sink. Loads the
+   * pair's history first: whether a replica of this primary was ever brought to consistency.
+   */
+  async start(volume: Volume): Promise<void> {
+    this.volume = volume;
+    const { slots, value } = await SlotFile.open(
+      path.join(volume.file.metaDir, PAIR_STATE_FILE),
+      validatePairState,
+    );
+    this.pairState = slots;
+    this.replicaEverSynced = value?.replicaEverSynced ?? false;
     this.timer = setInterval(() => this.checkCaughtUp(), CATCH_UP_CHECK_MS);
     this.timer.unref();
-  }
-
-  /** Starts connecting; the volume must have been opened with this object as its sink. */
-  start(volume: Volume): void {
-    this.volume = volume;
     const { meta } = volume;
     this.link = new PrimaryLink({
       peer: this.opts.peer,
@@ -93,6 +119,8 @@ export class PrimaryReplication implements UpdateSink {
   async stop(): Promise<void> {
     clearInterval(this.timer);
     await this.link.stop();
+    await this.pairStateWrite;
+    await this.pairState.close();
   }
 
   // UpdateSink: the engine's sends, in stream order.
@@ -142,12 +170,21 @@ export class PrimaryReplication implements UpdateSink {
     const log = this.opts.logger;
     this.replicaConsistent = welcome.consistent;
     this.lastAcked = welcome.lastAppliedUpdate;
+    const generation = ++this.connectGeneration;
     const virgin = welcome.lastAppliedUpdate === 0 && !welcome.consistent;
-    if (virgin && !this.opts.assumeClean) {
+    // --assume-clean speaks of the pair's birth only: a replica without history that shows up
+    // after this primary has already had a synced replica (e.g. one re-created) gets a full sync.
+    const assumeClean = this.opts.assumeClean && !this.replicaEverSynced;
+    if (virgin && this.opts.assumeClean && !assumeClean) {
+      log.warn(
+        'ignoring --assume-clean: this primary has replicated before, and this replica has no history',
+      );
+    }
+    if (virgin && !assumeClean) {
       log.info('replica has never been synchronised: full initial sync');
       // Durable before anything is sent: a crash now must not forget that everything differs.
       await driver.markAllDirty();
-      if (this.link.state !== 'connected') return;
+      if (this.link.state !== 'connected' || generation !== this.connectGeneration) return;
     }
     const dirty = driver.engine.stats().dirtyRegions;
     if (!welcome.consistent || dirty > 0) {
@@ -181,6 +218,12 @@ export class PrimaryReplication implements UpdateSink {
     if (this.resyncEndAfter >= 0 && id >= this.resyncEndAfter) {
       this.replicaConsistent = true;
       this.resyncEndAfter = -1;
+      if (!this.replicaEverSynced) {
+        this.replicaEverSynced = true;
+        this.pairStateWrite = this.pairState
+          .write({ replicaEverSynced: true })
+          .catch((err) => this.opts.logger.error({ err }, 'could not record the pair state'));
+      }
     }
     this.checkCaughtUp();
   }

@@ -12,12 +12,10 @@ import { VolrepError } from '../util/errors.js';
 import { requireLoopback } from '../util/loopback.js';
 import { FileDevice } from '../volume/file-device.js';
 import { SlotFile } from '../volume/slot-file.js';
-import { VolumeFile } from '../volume/volume.js';
+import { REPLICA_STATE_FILE, VolumeFile } from '../volume/volume.js';
 import { startHttp } from './http.js';
 import { listenError } from './listen-error.js';
 import { Metrics } from './metrics.js';
-
-export const REPLICA_STATE_FILE = 'replica-state';
 
 export interface SecondaryOptions {
   volumePath: string;

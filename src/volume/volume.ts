@@ -22,6 +22,10 @@ export const DEFAULT_REGION_SIZE = 64 * 1024;
 export const DEFAULT_LOG_SIZE = 64 * 1024 * 1024;
 export const LOG_FILE = 'log';
 export const BITMAP_FILE = 'bitmap';
+/** The secondary's durable record of what it has applied (two checksummed slots). */
+export const REPLICA_STATE_FILE = 'replica-state';
+/** The primary's record of the pair's history (two checksummed slots). */
+export const PAIR_STATE_FILE = 'pair-state';
 /** Room for a few of the largest transaction records and the resync reserve (see logCapacityMin). */
 export const LOG_SIZE_MIN = 64 * 1024;
 
@@ -128,6 +132,24 @@ export async function createVolume(opts: CreateOptions): Promise<Meta> {
   }
 
   await fsp.mkdir(metaDir, { recursive: true });
+  // Replacing metadata must not race a daemon using it, and must not keep the old volume's
+  // history: a replica re-created with --force has applied nothing and is not consistent.
+  const lock = existingMeta ? await VolumeLock.acquire(metaDir, opts.volumePath) : undefined;
+  try {
+    for (const stale of [REPLICA_STATE_FILE, PAIR_STATE_FILE])
+      await fsp.rm(path.join(metaDir, stale), { force: true });
+    return await writeMetadata(opts, metaDir, regionSize, logSize);
+  } finally {
+    await lock?.release();
+  }
+}
+
+async function writeMetadata(
+  opts: CreateOptions,
+  metaDir: string,
+  regionSize: number,
+  logSize: number,
+): Promise<Meta> {
   const meta = newMeta({ size: opts.size, regionSize, logSize, role: opts.role, volumeId: opts.volumeId });
   // The log and bitmap get their full size now, formatted (empty log, all-clean bitmap), so a
   // running daemon never runs out of space for them. meta.json goes last: it marks a complete set.

@@ -10,7 +10,7 @@ import { closeSync, openSync, writeFileSync, writeSync } from 'node:fs';
 import path from 'node:path';
 import { after, describe, it } from 'node:test';
 import { describeRun, qemuIo, readRange, run, sha256File, sha256Range } from '../helpers/clients.js';
-import { needTool } from '../helpers/daemon.js';
+import { needTool, volrep } from '../helpers/daemon.js';
 import { Pair } from './pair.js';
 
 const MiB = 1024 * 1024;
@@ -105,5 +105,29 @@ describe('pair end to end', { skip, timeout: 180_000 }, () => {
     assert.equal(await pair.primaryMetric('volrep_resync_bytes_total'), 0, 'still no resync');
     assert.ok((await pair.primaryMetric('volrep_replicated_bytes_total')) >= 3 * MiB + 17 * 1024);
     await pair.assertIdentical('assume-clean');
+
+    // The replica is lost and re-created empty: --assume-clean spoke of the pair's birth only, so
+    // this replica without history gets a full sync, not trust.
+    await pair.secondary!.stop();
+    const r = volrep([
+      'create',
+      '--volume',
+      pair.secondaryVolume,
+      '--size',
+      '64M',
+      '--secondary-of',
+      pair.volumeId,
+      '--force',
+    ]);
+    assert.equal(r.status, 0, r.stderr);
+    writeFileSync(pair.secondaryVolume, randomBytes(64 * MiB));
+    await pair.startSecondary();
+    await pair.waitInSync('a re-created replica', 30_000);
+    assert.equal(
+      await pair.primaryMetric('volrep_resync_bytes_total'),
+      64 * MiB,
+      'a full sync of the re-created replica',
+    );
+    await pair.assertIdentical('re-created replica');
   });
 });
