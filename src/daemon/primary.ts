@@ -9,7 +9,7 @@ import { NbdServer } from '../nbd/server.js';
 import { formatHostPort, type HostPort } from '../util/address.js';
 import { requireLoopback } from '../util/loopback.js';
 import { FileDevice } from '../volume/file-device.js';
-import { Volume, type VolumeStatus } from '../volume/replicated.js';
+import { DEFAULT_ACK_TIMEOUT_MS, Volume, type VolumeStatus } from '../volume/replicated.js';
 import { VolumeFile } from '../volume/volume.js';
 import { startHttp } from './http.js';
 import { listenError } from './listen-error.js';
@@ -66,7 +66,12 @@ async function openServed(opts: PrimaryOptions): Promise<Served> {
   }
   if (opts.peer) requireLoopback(opts.peer.host, '--peer');
   const replication = opts.peer
-    ? new PrimaryReplication({ peer: opts.peer, assumeClean: opts.assumeClean ?? false, logger: opts.logger })
+    ? new PrimaryReplication({
+        peer: opts.peer,
+        assumeClean: opts.assumeClean ?? false,
+        ackTimeoutMs: opts.ackTimeoutMs ?? DEFAULT_ACK_TIMEOUT_MS,
+        logger: opts.logger,
+      })
     : undefined;
   const volume = await Volume.open(opts.volumePath, {
     metaDir: opts.metaDir,

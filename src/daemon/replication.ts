@@ -39,6 +39,8 @@ export interface ReplicationOptions {
   peer: HostPort;
   /** Both volumes are known identical (e.g. freshly created, all zero): skip the initial full sync. */
   assumeClean: boolean;
+  /** The ack timeout: also how long the secondary may be silent before the link counts as dead. */
+  ackTimeoutMs: number;
   logger: Logger;
 }
 
@@ -83,6 +85,7 @@ export class PrimaryReplication implements UpdateSink {
       peer: this.opts.peer,
       hello: { volumeId: meta.volumeId, size: meta.size, regionSize: meta.regionSize },
       logger: this.opts.logger,
+      silenceMsMax: this.opts.ackTimeoutMs,
       events: {
         connected: (welcome) => void this.onConnected(welcome),
         acked: (id) => this.onAck(id),

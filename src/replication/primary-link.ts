@@ -23,6 +23,8 @@ export const RECONNECT_DELAY_MS_MIN = 100;
 export const RECONNECT_DELAY_MS_MAX = 5_000;
 /** Without any frame from the secondary for this long while connected, a keep-alive goes out. */
 export const KEEP_ALIVE_INTERVAL_MS = 1_000;
+/** Default for how long the secondary (which answers every keep-alive) may be silent. */
+export const PEER_SILENCE_MS_MAX = 5_000;
 /** Covers the TCP connect and the hello/welcome exchange: a secondary that never answers is dropped. */
 export const CONNECT_TIMEOUT_MS = 5_000;
 
@@ -44,6 +46,8 @@ export interface PrimaryLinkOptions {
   hello: { volumeId: string; size: number; regionSize: number };
   logger: Logger;
   events: PrimaryLinkEvents;
+  /** No frame at all from the secondary for this long means the link is dead (the ack timeout). */
+  silenceMsMax?: number;
 }
 
 export class PrimaryLink {
@@ -124,6 +128,7 @@ export class PrimaryLink {
     const queue = new ChunkQueue();
     const decoder = new FrameDecoder();
     let welcomed = false;
+    let lastHeardMs = performance.now();
     let closeReason = 'connection closed';
     const welcomeTimer = setTimeout(
       () => socket.destroy(new Error('no welcome from the secondary in time')),
@@ -138,6 +143,7 @@ export class PrimaryLink {
       closeReason = err.message;
     });
     socket.on('data', (chunk: Buffer) => {
+      lastHeardMs = performance.now();
       queue.push(chunk);
       for (;;) {
         const result = decoder.next(queue);
@@ -158,10 +164,14 @@ export class PrimaryLink {
           clearTimeout(welcomeTimer);
           this.linkState = 'connected';
           this.delayMs = RECONNECT_DELAY_MS_MIN;
-          this.keepAliveTimer = setInterval(
-            () => this.write(encodeFrame('keepAlive')),
-            KEEP_ALIVE_INTERVAL_MS,
-          );
+          this.keepAliveTimer = setInterval(() => {
+            // A link that died silently while idle would otherwise look connected until the next write.
+            if (performance.now() - lastHeardMs > (this.opts.silenceMsMax ?? PEER_SILENCE_MS_MAX)) {
+              socket.destroy(new Error('secondary silent for too long'));
+              return;
+            }
+            this.write(encodeFrame('keepAlive'));
+          }, KEEP_ALIVE_INTERVAL_MS);
           logger.info({ peer: `${peer.host}:${peer.port}`, ...message.welcome }, 'connected to secondary');
           events.connected(message.welcome);
           continue;
