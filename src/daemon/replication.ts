@@ -87,7 +87,11 @@ export class PrimaryReplication implements UpdateSink {
       logger: this.opts.logger,
       silenceMsMax: this.opts.ackTimeoutMs,
       events: {
-        connected: (welcome) => void this.onConnected(welcome),
+        connected: (welcome) =>
+          this.onConnected(welcome).catch((err: Error) => {
+            this.opts.logger.error({ err: err.message }, 'could not start replicating on this connection');
+            this.link.drop(err.message);
+          }),
         acked: (id) => this.onAck(id),
         disconnected: () => this.onDisconnected(),
       },
