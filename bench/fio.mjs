@@ -1,4 +1,4 @@
-// Helpers for bench/nbd.sh (plain Node, no dependencies).
+// Helpers for bench/nbd.sh (plain Node, no dependencies but volrep's own build for `scatter`).
 //
 //   node bench/fio.mjs port                      a free TCP port on 127.0.0.1
 //   node bench/fio.mjs parse FIO.json            "iops bw_bytes lat_us" of the job (read or write side);
@@ -6,14 +6,24 @@
 //   node bench/fio.mjs metrics HOST:PORT         "writes log_syncs log_records bitmap_persists volume_syncs"
 //                                                from volrep's GET /metrics (counters since start);
 //                                                exits 1 if unreachable or a counter is missing
-//   node bench/fio.mjs report SAMPLES.tsv OUT.json
-//                                                medians per row and server, ratio volrep/nbdkit, log
-//                                                syncs and records per write, a table on stdout and the
-//                                                same as JSON in OUT.json
+//   node bench/fio.mjs counter HOST:PORT NAME    one series of GET /metrics
+//   node bench/fio.mjs status HOST:PORT a.b      one field of GET /status
+//   node bench/fio.mjs insync HOST:PORT SECONDS  polls the primary's GET /status every 20 ms until the pair
+//                                                is in sync (peer connected, no dirty region, no pending
+//                                                update); prints "<epoch ms> <ms waited>"; exits 1 on timeout
+//   node bench/fio.mjs scatter HOST:PORT EXPORT COUNT REGION_SIZE
+//                                                writes COUNT distinct random regions (random bytes, whole
+//                                                regions) through NBD with dist/nbd/client.js, then FLUSH
+//   node bench/fio.mjs report SAMPLES.tsv OUT.json [RESYNC.kv RSYNC.txt]
+//                                                medians per row and target, ratios, log syncs and records
+//                                                per write, tables on stdout and the same as JSON in OUT.json;
+//                                                with RESYNC.kv (key=value lines from nbd.sh) and rsync's
+//                                                --stats output, the resync vs rsync table too
 //
-// SAMPLES.tsv lines: row server repeat iops bw_bytes lat_us cpu_pct writes log_syncs log_records
-// bitmap_persists volume_syncs (the last five are deltas over the fio run, '-' for nbdkit).
-// Servers: nbdkit, volrep (defaults), volrep-small (small activity window, see nbd.sh).
+// SAMPLES.tsv lines: row target repeat iops bw_bytes lat_us cpu_pct sync_wait_ms writes log_syncs
+// log_records bitmap_persists volume_syncs (the last five are deltas over the fio run, '-' for nbdkit;
+// sync_wait_ms is '-' but for pairs). Targets: see TARGETS.
+import { randomBytes, randomInt } from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
 
@@ -22,6 +32,20 @@ const ROWS = [
   { row: 'randwrite-4k-qd1', label: '4 KiB randwrite QD1', unit: 'IOPS', writes: true },
   { row: 'write-1m-qd8', label: '1 MiB seq write QD8', unit: 'MB/s', writes: true },
   { row: 'randread-4k-qd32', label: '4 KiB randread QD32', unit: 'IOPS', writes: false },
+];
+
+const TARGETS = [
+  { target: 'nbdkit', key: 'a', label: '(a) nbdkit' },
+  { target: 'volrep', key: 'b', label: '(b) standalone' },
+  { target: 'volrep-async', key: 'c', label: '(c) async pair' },
+  { target: 'volrep-sync', key: 'd', label: '(d) sync pair' },
+  { target: 'volrep-small', key: 'e', label: '(e) small window' },
+];
+
+const RATIOS = [
+  ['c', 'a'],
+  ['c', 'b'],
+  ['d', 'b'],
 ];
 
 // Prometheus series read by `metrics`, in output order.
@@ -67,27 +91,78 @@ function parse(file) {
   process.stdout.write(`${side.iops.toFixed(1)} ${side.bw_bytes} ${latUs.toFixed(1)}\n`);
 }
 
-async function metrics(address) {
-  let text;
+async function get(address, path) {
   try {
-    const res = await fetch(`http://${address}/metrics`, { signal: AbortSignal.timeout(5000) });
-    if (!res.ok) fail(`GET http://${address}/metrics: HTTP ${res.status}`);
-    text = await res.text();
+    const res = await fetch(`http://${address}${path}`, { signal: AbortSignal.timeout(5000) });
+    if (!res.ok) fail(`GET http://${address}${path}: HTTP ${res.status}`);
+    return await res.text();
   } catch (err) {
-    fail(`GET http://${address}/metrics: ${err.message}`);
+    fail(`GET http://${address}${path}: ${err.message}`);
   }
+}
+
+async function readMetrics(address) {
   const values = new Map();
-  for (const line of text.split('\n')) {
+  for (const line of (await get(address, '/metrics')).split('\n')) {
     if (line === '' || line.startsWith('#')) continue;
     const sep = line.lastIndexOf(' ');
     values.set(line.slice(0, sep), Number(line.slice(sep + 1)));
   }
-  const out = SERIES.map((name) => {
+  const value = (name) => {
     const v = values.get(name);
     if (!Number.isFinite(v)) fail(`GET http://${address}/metrics: no ${name}`);
     return v;
-  });
-  process.stdout.write(`${out.join(' ')}\n`);
+  };
+  return value;
+}
+
+async function metrics(address) {
+  const value = await readMetrics(address);
+  process.stdout.write(`${SERIES.map(value).join(' ')}\n`);
+}
+
+async function counter(address, name) {
+  const value = await readMetrics(address);
+  process.stdout.write(`${value(name)}\n`);
+}
+
+async function status(address, field) {
+  let v = JSON.parse(await get(address, '/status'));
+  for (const key of field.split('.')) v = v?.[key];
+  if (v === undefined) fail(`GET http://${address}/status: no ${field}`);
+  process.stdout.write(`${v}\n`);
+}
+
+async function insync(address, seconds) {
+  const start = Date.now();
+  for (;;) {
+    const s = JSON.parse(await get(address, '/status'));
+    if (s.peer?.state === 'connected' && s.dirtyRegions === 0 && s.pendingUpdates === 0) {
+      const now = Date.now();
+      process.stdout.write(`${now} ${now - start}\n`);
+      return;
+    }
+    if (Date.now() - start > seconds * 1000) {
+      fail(
+        `${address}: not in sync after ${seconds} s (peer ${s.peer?.state}, ${s.dirtyRegions} dirty regions, ` +
+          `${s.pendingUpdates} pending updates)`,
+      );
+    }
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+}
+
+async function scatter(address, exportName, count, regionSize) {
+  const { NbdClient } = await import(new URL('../dist/nbd/client.js', import.meta.url));
+  const sep = address.lastIndexOf(':');
+  const client = await NbdClient.connect(address.slice(0, sep), Number(address.slice(sep + 1)), exportName);
+  const regions = Math.floor(client.size / regionSize);
+  if (count > regions) fail(`scatter: ${count} regions asked, the volume has ${regions}`);
+  const chosen = new Set();
+  while (chosen.size < count) chosen.add(randomInt(regions));
+  await Promise.all([...chosen].map((r) => client.write(r * regionSize, randomBytes(regionSize))));
+  await client.flush();
+  await client.close();
 }
 
 function median(values) {
@@ -114,22 +189,64 @@ function logFigures(samples) {
   };
 }
 
-function report(samplesFile, jsonFile) {
+function markdown(table) {
+  const widths = table[0].map((_, i) => Math.max(...table.map((line) => line[i].length)));
+  const line = (cells) =>
+    `| ${cells.map((c, i) => (i < 1 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join(' | ')} |`;
+  const out = [
+    line(table[0]),
+    `|${widths.map((w, i) => (i < 1 ? `:${'-'.repeat(w + 1)}` : `${'-'.repeat(w + 1)}:`)).join('|')}|`,
+  ];
+  for (const cells of table.slice(1)) out.push(line(cells));
+  return `${out.join('\n')}\n`;
+}
+
+function readResync(kvFile, rsyncFile) {
+  const kv = Object.fromEntries(
+    fs
+      .readFileSync(kvFile, 'utf8')
+      .split('\n')
+      .filter((l) => l.includes('='))
+      .map((l) => {
+        const [k, v] = l.split('=');
+        return [k, num(v)];
+      }),
+  );
+  const stats = fs.readFileSync(rsyncFile, 'utf8');
+  const stat = (label) => {
+    const m = stats.match(new RegExp(`^${label}: ([\\d,]+)`, 'm'));
+    return m ? Number(m[1].replaceAll(',', '')) : null;
+  };
+  return {
+    ...kv,
+    expectedResyncBytes: kv.regions * kv.regionSize,
+    rsync: {
+      ms: kv.rsyncMs,
+      totalBytesSent: stat('Total bytes sent'),
+      totalBytesReceived: stat('Total bytes received'),
+      literalData: stat('Literal data'),
+      matchedData: stat('Matched data'),
+    },
+  };
+}
+
+function report(samplesFile, jsonFile, resyncFile, rsyncFile) {
   const samples = fs
     .readFileSync(samplesFile, 'utf8')
     .split('\n')
     .filter((l) => l.trim() !== '')
     .map((l) => {
-      const [row, server, repeat, iops, bw, lat, cpu, ...log] = l.split(/\s+/);
+      const [row, target, repeat, iops, bw, lat, cpu, wait, ...log] = l.split(/\s+/);
       const counts = log.map(num);
       return {
         row,
-        server,
+        target,
         repeat: +repeat,
         iops: +iops,
         bwBytes: +bw,
         latUs: +lat,
         cpuPct: +cpu,
+        syncWaitMs: num(wait),
         log:
           counts.length === LOG_FIELDS.length && counts.every((c) => c !== null)
             ? Object.fromEntries(LOG_FIELDS.map((f, i) => [f, counts[i]]))
@@ -138,80 +255,114 @@ function report(samplesFile, jsonFile) {
     });
   const smallWindow = process.env.BENCH_SMALL_WINDOW ?? null;
   const smallRegion = process.env.BENCH_SMALL_REGION ?? null;
-  const summary = (def, server) => {
-    const mine = samples.filter((s) => s.row === def.row && s.server === server);
+  const present = TARGETS.filter((t) => samples.some((s) => s.target === t.target));
+  const summary = (def, target) => {
+    const mine = samples.filter((s) => s.row === def.row && s.target === target);
+    if (mine.length === 0) return null;
     const values = mine.map((s) => (def.unit === 'MB/s' ? s.bwBytes / 1e6 : s.iops));
+    const waits = mine.map((s) => s.syncWaitMs).filter((w) => w !== null);
     return {
       median: median(values),
       samples: values,
       latUsMedian: median(mine.map((s) => s.latUs)),
       cpuPctMedian: median(mine.map((s) => s.cpuPct)),
-      log: def.writes ? logFigures(mine) : null,
+      syncWaitMsMedian: waits.length ? median(waits) : null,
+      log: def.writes && target !== 'nbdkit' ? logFigures(mine) : null,
     };
   };
-  const rows = [];
-  for (const def of ROWS) {
-    const nbdkit = summary(def, 'nbdkit');
-    const variants = [{ server: 'volrep', variant: 'default', label: def.label, volrepConfig: null }];
-    if (def.writes && samples.some((s) => s.row === def.row && s.server === 'volrep-small')) {
-      variants.push({
-        server: 'volrep-small',
-        variant: 'small-window',
-        label: `${def.label}, window ${smallWindow}/${smallRegion} regions`,
-        volrepConfig: { activityWindow: smallWindow, regionSize: smallRegion },
-      });
-    }
-    for (const v of variants) {
-      const volrep = summary(def, v.server);
-      rows.push({
-        row: def.row,
-        variant: v.variant,
-        label: v.label,
-        unit: def.unit,
-        volrepConfig: v.volrepConfig,
-        nbdkit: { ...nbdkit, log: undefined },
-        volrep,
-        ratio: volrep.median / nbdkit.median,
-      });
-    }
-  }
+  const rows = ROWS.map((def) => {
+    const targets = Object.fromEntries(present.map((t) => [t.key, summary(def, t.target)]));
+    const ratios = Object.fromEntries(
+      RATIOS.map(([x, y]) => [
+        `${x}/${y}`,
+        targets[x] && targets[y] ? targets[x].median / targets[y].median : null,
+      ]),
+    );
+    if (targets.e) ratios['e/b'] = targets.b ? targets.e.median / targets.b.median : null;
+    return { row: def.row, label: def.label, unit: def.unit, targets, ratios };
+  });
+
   const fmt = (n, unit) =>
-    Number.isFinite(n) ? (unit === 'MB/s' ? n.toFixed(0) : Math.round(n).toLocaleString('en-US')) : 'n/a';
+    Number.isFinite(n) ? (unit === 'MB/s' ? n.toFixed(0) : Math.round(n).toLocaleString('en-US')) : '-';
+  const times = (n) => (n === null || !Number.isFinite(n) ? '-' : `${n.toFixed(2)}×`);
   const perWrite = (n) =>
     n === null || n === undefined ? '-' : n < 0.0005 && n > 0 ? n.toExponential(1) : n.toFixed(3);
-  const table = [
-    [
-      'row',
-      'unit',
-      'nbdkit',
-      'volrep',
-      'volrep/nbdkit',
-      'lat µs nbdkit/volrep',
-      'CPU% nbdkit/volrep',
-      'log syncs/write',
-      'log records/write',
-    ],
+  const ratioKeys = Object.keys(rows[0].ratios);
+  const slash = (r, f) => present.map((t) => f(r.targets[t.key])).join(' / ');
+
+  let out = markdown([
+    ['row', 'unit', ...present.map((t) => t.label), ...ratioKeys],
     ...rows.map((r) => [
       r.label,
       r.unit,
-      fmt(r.nbdkit.median, r.unit),
-      fmt(r.volrep.median, r.unit),
-      Number.isFinite(r.ratio) ? `${r.ratio.toFixed(2)}×` : 'n/a',
-      `${r.nbdkit.latUsMedian.toFixed(0)} / ${r.volrep.latUsMedian.toFixed(0)}`,
-      `${r.nbdkit.cpuPctMedian.toFixed(0)} / ${r.volrep.cpuPctMedian.toFixed(0)}`,
-      perWrite(r.volrep.log?.syncsPerWrite),
-      perWrite(r.volrep.log?.recordsPerWrite),
+      ...present.map((t) => fmt(r.targets[t.key]?.median, r.unit)),
+      ...ratioKeys.map((k) => times(r.ratios[k])),
     ]),
-  ];
-  const widths = table[0].map((_, i) => Math.max(...table.map((line) => line[i].length)));
-  const line = (cells) =>
-    `| ${cells.map((c, i) => (i < 2 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join(' | ')} |`;
-  const out = [
-    line(table[0]),
-    `|${widths.map((w, i) => (i < 2 ? `:${'-'.repeat(w + 1)}` : `${'-'.repeat(w + 1)}:`)).join('|')}|`,
-  ];
-  for (const cells of table.slice(1)) out.push(line(cells));
-  process.stdout.write(`${out.join('\n')}\n`);
+  ]);
+  const keys = present.map((t) => t.key).join('/');
+  const logKeys = present.filter((t) => t.key !== 'a');
+  out += '\n';
+  out += markdown([
+    [
+      'row',
+      `clat µs ${keys}`,
+      `server CPU % ${keys}`,
+      `log syncs/write ${logKeys.map((t) => t.key).join('/')}`,
+      `log records/write ${logKeys.map((t) => t.key).join('/')}`,
+      'wait for in sync ms c/d',
+    ],
+    ...rows.map((r) => [
+      r.label,
+      slash(r, (s) => (s ? s.latUsMedian.toFixed(0) : '-')),
+      slash(r, (s) => (s ? s.cpuPctMedian.toFixed(0) : '-')),
+      logKeys.map((t) => perWrite(r.targets[t.key]?.log?.syncsPerWrite)).join(' / '),
+      logKeys.map((t) => perWrite(r.targets[t.key]?.log?.recordsPerWrite)).join(' / '),
+      ['c', 'd'].map((k) => r.targets[k]?.syncWaitMsMedian ?? '-').join(' / '),
+    ]),
+  ]);
+  out +=
+    'Server CPU: 100 = one core, primary + secondary for pairs. Log figures: /metrics deltas over each whole\n' +
+    'fio run (ramp included), summed over the repeats. Wait for in sync: after each run against a pair, until\n' +
+    'the primary reports the peer connected, no dirty region, no pending update (median, not in the figures).\n';
+  if (present.some((t) => t.key === 'e')) {
+    out += `(e): primary --activity-window ${smallWindow} on a volume of ${smallRegion} regions, no peer.\n`;
+  }
+
+  let resync = null;
+  if (resyncFile) {
+    resync = readResync(resyncFile, rsyncFile);
+    const ms = (n) => (n === null ? '-' : `${(n / 1000).toFixed(2)} s`);
+    const mib = (n) =>
+      n === null ? '-' : `${(n / 1048576).toFixed(2)} MiB (${n.toLocaleString('en-US')} B)`;
+    out += `\nresync vs rsync, 1 GiB volume, ${resync.regions} random regions of ${resync.regionSize / 1024} KiB changed:\n`;
+    out += markdown([
+      ['', 'time', 'bytes'],
+      [
+        'volrep resync: secondary restart → in sync',
+        ms(resync.restartToInSyncMs),
+        `resync ${mib(resync.resyncBytes)}, expected ${mib(resync.expectedResyncBytes)}`,
+      ],
+      ['  of which restart → secondary serving', ms(resync.restartToServingMs), ''],
+      ['  of which restart → primary reconnected', ms(resync.restartToConnectedMs), ''],
+      ['  of which reconnected → in sync', ms(resync.connectedToInSyncMs), ''],
+      [
+        'rsync --inplace --no-whole-file primary.img old-copy.img',
+        ms(resync.rsync.ms),
+        `sent ${mib(resync.rsync.totalBytesSent)}, literal ${mib(resync.rsync.literalData)}`,
+      ],
+      ['ratio volrep (restart → in sync) / rsync', times(resync.restartToInSyncMs / resync.rsync.ms), ''],
+      [
+        'ratio volrep (reconnected → in sync) / rsync',
+        resync.connectedToInSyncMs === null ? '-' : times(resync.connectedToInSyncMs / resync.rsync.ms),
+        '',
+      ],
+    ]);
+    out +=
+      `Dirty regions on the primary before the restart: ${resync.dirtyBefore}. Both files in the page cache; ` +
+      'rsync is local (no network).\n';
+  }
+  process.stdout.write(out);
+
   const meta = {
     date: new Date().toISOString(),
     runtimeSeconds: Number(process.env.BENCH_RUNTIME ?? 4),
@@ -219,16 +370,28 @@ function report(samplesFile, jsonFile) {
     node: process.version,
     fio: process.env.BENCH_FIO_VERSION ?? null,
     nbdkit: process.env.BENCH_NBDKIT_VERSION ?? null,
+    rsync: process.env.BENCH_RSYNC_VERSION ?? null,
+    targets: present,
     smallWindow: smallWindow === null ? null : { activityWindow: smallWindow, regionSize: smallRegion },
     // Log figures: counter deltas over each whole fio run (ramp included), summed over the runs;
     // per write = sum of the counter / sum of NBD writes answered ok.
   };
-  fs.writeFileSync(jsonFile, `${JSON.stringify({ ...meta, rows }, null, 2)}\n`);
+  fs.writeFileSync(jsonFile, `${JSON.stringify({ ...meta, rows, resync }, null, 2)}\n`);
 }
 
 const [command, ...args] = process.argv.slice(2);
 if (command === 'port') freePort();
 else if (command === 'parse' && args.length === 1) parse(args[0]);
 else if (command === 'metrics' && args.length === 1) await metrics(args[0]);
-else if (command === 'report' && args.length === 2) report(args[0], args[1]);
-else fail('usage: fio.mjs port | parse FIO.json | metrics HOST:PORT | report SAMPLES.tsv OUT.json');
+else if (command === 'counter' && args.length === 2) await counter(args[0], args[1]);
+else if (command === 'status' && args.length === 2) await status(args[0], args[1]);
+else if (command === 'insync' && args.length === 2) await insync(args[0], Number(args[1]));
+else if (command === 'scatter' && args.length === 4)
+  await scatter(args[0], args[1], Number(args[2]), Number(args[3]));
+else if (command === 'report' && (args.length === 2 || args.length === 4)) report(...args);
+else
+  fail(
+    'usage: fio.mjs port | parse FIO.json | metrics HOST:PORT | counter HOST:PORT NAME | status HOST:PORT FIELD' +
+      ' | insync HOST:PORT SECONDS | scatter HOST:PORT EXPORT COUNT REGION_SIZE' +
+      ' | report SAMPLES.tsv OUT.json [RESYNC.kv RSYNC.txt]',
+  );

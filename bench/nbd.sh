@@ -1,47 +1,68 @@
 #!/usr/bin/env bash
-# NBD throughput of volrep vs nbdkit's file plugin, same fio jobs, same kind of file.
+# NBD throughput of volrep vs nbdkit's file plugin, standalone and replicating, same fio jobs, same
+# kind of file; then the resync of a replica that missed 1 % of the regions vs rsync of the files.
 #
 # Usage:  npm run bench                      (builds, then runs this script)
 #         bash bench/nbd.sh                  (needs a build in dist/)
 # Environment:
 #   BENCH_RUNTIME=4   seconds measured per fio run (after a 1 s ramp)
-#   BENCH_REPEATS=3   runs per row and server; the table shows medians
+#   BENCH_REPEATS=3   runs per row and target; the table shows medians
 #   BENCH_JSON=PATH   where to write the JSON results
 #                     (default: ${TMPDIR:-/tmp}/volrep-bench-nbd-<timestamp>.json; the work dir is removed)
 #   BENCH_SMALL_WINDOW=64K  activity window of the extra "small window" volrep; off: no such rows
 #   BENCH_SMALL_REGION=4K   region size of that volrep's volume
+#   BENCH_RESYNC_REGIONS=164  regions changed while the secondary is down (1 % of a 1 GiB volume)
 #
-# In a temporary directory: sparse 1 GiB files, one served by `nbdkit file`, one created with
-# `volrep create` and served by `volrep primary` (defaults: 64 KiB regions, 1 GiB activity window),
-# all on 127.0.0.1. Every file is warmed with one sequential write pass, then each row runs
-# alternately against the servers (order reversed on every repeat).
+# Targets, all on 127.0.0.1, each on its own sparse 1 GiB file in a temporary directory:
+#   nbdkit        (a) `nbdkit file`
+#   volrep        (b) `volrep primary` alone (defaults: 64 KiB regions, 1 GiB activity window)
+#   volrep-async  (c) `volrep primary --peer --assume-clean` replicating (async) to a local
+#                     `volrep secondary`; both volumes freshly created, so no initial sync runs
+#   volrep-sync   (d) the same with `--mode sync`
+#   volrep-small      (rows that write only) see below
+# Every file is warmed with one sequential write pass, then each row runs against the targets in
+# turn (order reversed on every repeat). After every run against a pair (and after its warm-up) the
+# bench waits until the pair is in sync (primary /status: peer connected, 0 dirty regions, 0 pending
+# updates), so that one run's replication backlog does not run into the next; the wait is reported.
+# Server CPU of a pair is primary + secondary.
 #
-# volrep runs with --http; around every fio run the bench reads GET /metrics and reports, for rows
-# that write, log syncs (group commits) and log records per NBD write over that run. With the
+# The primaries run with --http; around every fio run the bench reads GET /metrics and reports, for
+# rows that write, log syncs (group commits) and log records per NBD write over that run. With the
 # defaults the warm-up covers the whole volume, so warm writes need no log record at all. To show
-# group commit, the rows that write also run against a third server, "volrep-small":
+# group commit, the rows that write also run against "volrep-small":
 # `volrep primary --activity-window $BENCH_SMALL_WINDOW` on a volume created with
 # `--region-size $BENCH_SMALL_REGION`. The small region size matters: with no secondary every
 # written region stays dirty and pinned in the window, and only a checkpoint (once more than
 # window + 65536 regions are pinned) unpins them; a 1 GiB volume of 64 KiB regions has 16384, so
 # there the window size would change nothing. With 4 KiB regions (262144) checkpoints do happen
-# and most random writes need a record. Its rows reuse the nbdkit figures of the same row. If
-# `volrep primary` has no --activity-window, those rows are skipped with a note.
+# and most random writes need a record. If `volrep primary` has no --activity-window, those rows are
+# skipped with a note.
 #
-# Needs fio with the nbd engine and nbdkit (Debian: fio nbdkit).
+# Resync vs rsync (after the fio rows, on the async pair, in sync): SIGTERM the secondary, copy its
+# file (the replica as it was), write BENCH_RESYNC_REGIONS distinct random 64 KiB regions of random
+# bytes through NBD on the primary (then FLUSH), restart the secondary and time until the pair is
+# in sync; volrep_resync_bytes_total must grow by regions x 64 KiB. Then time
+# `rsync --inplace --no-whole-file --stats primary.img old-copy.img` (all files in the page cache)
+# and compare the copies byte for byte.
+#
+# Needs fio with the nbd engine, nbdkit and rsync (Debian: fio nbdkit rsync).
 #
 # Exit status: 0 when everything ran, 1 when something failed to run (a server did not start or
-# died, fio failed or did no I/O). Ratios are reported, never asserted.
+# died, fio failed or did no I/O, a pair did not get in sync, a copy differs). Ratios are
+# reported, never asserted.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 HELPER="$ROOT/bench/fio.mjs"
+VOLREP="$ROOT/bin/volrep.js"
 RUNTIME=${BENCH_RUNTIME:-4}
 REPEATS=${BENCH_REPEATS:-3}
 SMALL_WINDOW=${BENCH_SMALL_WINDOW:-64K}
 SMALL_REGION=${BENCH_SMALL_REGION:-4K}
+RESYNC_REGIONS=${BENCH_RESYNC_REGIONS:-164}
 RAMP=1
 SIZE=1G
+SYNC_TIMEOUT=120 # seconds a pair may take to get in sync before the bench gives up
 STAMP=$(date +%Y%m%dT%H%M%S)
 RESULT_JSON=${BENCH_JSON:-${TMPDIR:-/tmp}/volrep-bench-nbd-$STAMP.json}
 
@@ -61,8 +82,10 @@ die() {
 
 [[ $RUNTIME =~ ^[1-9][0-9]*$ ]] || die "BENCH_RUNTIME must be a positive integer (seconds), got '$RUNTIME'"
 [[ $REPEATS =~ ^[1-9][0-9]*$ ]] || die "BENCH_REPEATS must be a positive integer, got '$REPEATS'"
-for tool in fio nbdkit node; do
-  command -v "$tool" >/dev/null || die "$tool not found (Debian: apt-get install fio nbdkit)"
+[[ $RESYNC_REGIONS =~ ^[1-9][0-9]*$ ]] ||
+  die "BENCH_RESYNC_REGIONS must be a positive integer, got '$RESYNC_REGIONS'"
+for tool in fio nbdkit node rsync cmp; do
+  command -v "$tool" >/dev/null || die "$tool not found (Debian: apt-get install fio nbdkit rsync)"
 done
 fio --enghelp=nbd 2>/dev/null | grep -q uri || die "this fio has no nbd engine (fio --enghelp=nbd)"
 nbdkit file --dump-plugin >/dev/null 2>&1 || die "nbdkit has no file plugin"
@@ -76,16 +99,16 @@ SMALL=0
 SMALL_NOTE=
 if [[ $SMALL_WINDOW == off ]]; then
   SMALL_NOTE="small-window rows skipped (BENCH_SMALL_WINDOW=off)"
-elif node "$ROOT/bin/volrep.js" primary --help 2>/dev/null | grep -q -- '--activity-window'; then
+elif node "$VOLREP" primary --help 2>/dev/null | grep -q -- '--activity-window'; then
   SMALL=1
 else
   SMALL_NOTE="small-window rows skipped: this volrep primary has no --activity-window option"
 fi
 
+BENCH_T0=$(date +%s)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/volrep-bench.XXXXXX")
-NBDKIT_PID=
-VOLREP_PID=
-SMALL_PID=
+# Daemons by name: PIDS[name] (unset once stopped), plus their ports.
+declare -A PIDS=() NBD_PORT=() HTTP_PORT=() PEER_OF=() LISTEN_PORT=()
 
 stop_pid() { # pid: SIGTERM, wait up to 10 s, then SIGKILL; prints nothing, returns the exit status
   local pid=$1 i rc=0
@@ -99,14 +122,21 @@ stop_pid() { # pid: SIGTERM, wait up to 10 s, then SIGKILL; prints nothing, retu
   return "$rc"
 }
 
+stop_daemon() { # name: stops it, returns its exit status
+  local name=$1 pid=${PIDS[$1]:-}
+  [[ -n $pid ]] || return 0
+  unset "PIDS[$name]"
+  stop_pid "$pid"
+}
+
 cleanup() {
-  local rc=$?
+  local rc=$? name log
   trap - EXIT INT TERM
-  if [[ -n $VOLREP_PID ]]; then stop_pid "$VOLREP_PID" || true; fi
-  if [[ -n $SMALL_PID ]]; then stop_pid "$SMALL_PID" || true; fi
-  if [[ -n $NBDKIT_PID ]]; then stop_pid "$NBDKIT_PID" || true; fi
+  # Primaries first, so that they do not log their secondaries' departure as errors.
+  for name in "${!PIDS[@]}"; do [[ $name == *-secondary ]] || stop_daemon "$name" || true; done
+  for name in "${!PIDS[@]}"; do stop_daemon "$name" || true; done
   if ((rc != 0)); then
-    for log in "$WORK"/volrep.log "$WORK"/volrep-small.log "$WORK"/nbdkit.log "$WORK"/last-fio.log; do
+    for log in "$WORK"/*.log; do
       [[ -s $log ]] || continue
       printf '\n--- last lines of %s ---\n' "$(basename "$log")" >&2
       tail -n 15 "$log" >&2
@@ -130,139 +160,177 @@ wait_ready() { # name pid test-command...: polls for up to 15 s while the server
   die "$name not ready after 15 s"
 }
 
-cpu_ticks() { # pid: user+system clock ticks of the whole process (all threads)
-  local f
-  read -r -a f < <(sed 's/^.*) //' "/proc/$1/stat")
-  echo $((f[11] + f[12]))
+cpu_ticks() { # pid...: user+system clock ticks of the whole processes (all threads), summed
+  local f pid sum=0
+  for pid in "$@"; do
+    read -r -a f < <(sed 's/^.*) //' "/proc/$pid/stat")
+    sum=$((sum + f[11] + f[12]))
+  done
+  echo "$sum"
 }
 CLK_TCK=$(getconf CLK_TCK)
+now_ms() { date +%s%3N; }
 
 # --- servers --------------------------------------------------------------------------------------
 truncate -s "$SIZE" "$WORK/nbdkit.img"
-NBDKIT_PORT=$(node "$HELPER" port)
-nbdkit -f --exit-with-parent -i 127.0.0.1 -p "$NBDKIT_PORT" -P "$WORK/nbdkit.pid" \
+NBD_PORT[nbdkit]=$(node "$HELPER" port)
+nbdkit -f --exit-with-parent -i 127.0.0.1 -p "${NBD_PORT[nbdkit]}" -P "$WORK/nbdkit.pid" \
   file "$WORK/nbdkit.img" >"$WORK/nbdkit.log" 2>&1 &
-NBDKIT_PID=$!
-wait_ready nbdkit "$NBDKIT_PID" test -s "$WORK/nbdkit.pid"
+PIDS[nbdkit]=$!
+wait_ready nbdkit "${PIDS[nbdkit]}" test -s "$WORK/nbdkit.pid"
 
-STARTED_PID=
-start_volrep() { # name nbd-port http-port [create-args...] -- [primary-args...]: sets STARTED_PID
-  local name=$1 port=$2 http=$3 create=() primary=()
-  shift 3
-  while (($# > 0)) && [[ $1 != -- ]]; do
-    create+=("$1")
-    shift
-  done
-  (($# > 0)) && shift
-  primary=("$@")
-  node "$ROOT/bin/volrep.js" create --volume "$WORK/$name.img" --size "$SIZE" "${create[@]}" \
-    >"$WORK/create-$name.log" 2>&1 || die "volrep create failed ($name): $(cat "$WORK/create-$name.log")"
-  node "$ROOT/bin/volrep.js" primary --volume "$WORK/$name.img" --nbd "127.0.0.1:$port" \
-    --http "127.0.0.1:$http" "${primary[@]}" 2>"$WORK/$name.log" &
-  STARTED_PID=$!
-  wait_ready "$name" "$STARTED_PID" grep -q '"primary serving"' "$WORK/$name.log"
+volrep_create() { # name [create-args...]
+  local name=$1
+  shift
+  node "$VOLREP" create --volume "$WORK/$name.img" --size "$SIZE" "$@" >"$WORK/create-$name.log" 2>&1 ||
+    die "volrep create failed ($name): $(cat "$WORK/create-$name.log")"
 }
 
-VOLREP_PORT=$(node "$HELPER" port)
-VOLREP_HTTP=$(node "$HELPER" port)
-start_volrep volrep "$VOLREP_PORT" "$VOLREP_HTTP"
-VOLREP_PID=$STARTED_PID
-SERVERS=(volrep nbdkit)
+start_secondary() { # name: serves $WORK/name.img on LISTEN_PORT[name], HTTP_PORT[name]
+  local name=$1
+  # A restart starts a new log (the old one is kept as name.N.log, still scanned for errors).
+  [[ -e $WORK/$name.log ]] && mv "$WORK/$name.log" "$WORK/$name.$(date +%s%N).log"
+  node "$VOLREP" secondary --volume "$WORK/$name.img" --listen "127.0.0.1:${LISTEN_PORT[$name]}" \
+    --http "127.0.0.1:${HTTP_PORT[$name]}" 2>"$WORK/$name.log" &
+  PIDS[$name]=$!
+  wait_ready "$name" "${PIDS[$name]}" grep -q '"secondary serving"' "$WORK/$name.log"
+}
+
+start_primary() { # name [primary-args...]
+  local name=$1
+  shift
+  NBD_PORT[$name]=$(node "$HELPER" port)
+  HTTP_PORT[$name]=$(node "$HELPER" port)
+  node "$VOLREP" primary --volume "$WORK/$name.img" --nbd "127.0.0.1:${NBD_PORT[$name]}" \
+    --http "127.0.0.1:${HTTP_PORT[$name]}" "$@" 2>"$WORK/$name.log" &
+  PIDS[$name]=$!
+  wait_ready "$name" "${PIDS[$name]}" grep -q '"primary serving"' "$WORK/$name.log"
+}
+
+start_pair() { # name mode: fresh primary + replica, secondary "name-secondary", primary --assume-clean
+  local name=$1 mode=$2 sec="$1-secondary" id
+  volrep_create "$name"
+  id=$(node -e 'console.log(JSON.parse(require("fs").readFileSync(process.argv[1], "utf8")).volumeId)' \
+    "$WORK/$name.img.volrep/meta.json") || die "cannot read the volume id of $name"
+  volrep_create "$sec" --secondary-of "$id"
+  LISTEN_PORT[$sec]=$(node "$HELPER" port)
+  HTTP_PORT[$sec]=$(node "$HELPER" port)
+  start_secondary "$sec"
+  PEER_OF[$name]=$sec
+  start_primary "$name" --peer "127.0.0.1:${LISTEN_PORT[$sec]}" --mode "$mode" --assume-clean
+}
+
+wait_insync() { # name: until the pair is in sync; prints "<epoch ms when seen in sync> <ms waited>"
+  node "$HELPER" insync "127.0.0.1:${HTTP_PORT[$1]}" "$SYNC_TIMEOUT" ||
+    die "$1: the pair did not get in sync within ${SYNC_TIMEOUT}s"
+}
+
+volrep_create volrep
+start_primary volrep
+start_pair volrep-async async
+start_pair volrep-sync sync
+TARGETS=(nbdkit volrep volrep-async volrep-sync)
 if ((SMALL)); then
-  SMALL_PORT=$(node "$HELPER" port)
-  SMALL_HTTP=$(node "$HELPER" port)
-  start_volrep volrep-small "$SMALL_PORT" "$SMALL_HTTP" --region-size "$SMALL_REGION" -- \
-    --activity-window "$SMALL_WINDOW"
-  SMALL_PID=$STARTED_PID
-  SERVERS=(volrep volrep-small nbdkit)
+  volrep_create volrep-small --region-size "$SMALL_REGION"
+  start_primary volrep-small --activity-window "$SMALL_WINDOW"
+  TARGETS+=(volrep-small)
 fi
+for name in volrep-async volrep-sync; do wait_insync "$name" >/dev/null; done
 
-uri_of() { # server
+uri_of() { # target
   case $1 in
-  nbdkit) echo "nbd://127.0.0.1:$NBDKIT_PORT/" ;;
-  volrep) echo "nbd://127.0.0.1:$VOLREP_PORT/volrep" ;;
-  volrep-small) echo "nbd://127.0.0.1:$SMALL_PORT/volrep" ;;
+  nbdkit) echo "nbd://127.0.0.1:${NBD_PORT[nbdkit]}/" ;;
+  *) echo "nbd://127.0.0.1:${NBD_PORT[$1]}/volrep" ;;
   esac
 }
-pid_of() {
-  case $1 in
-  nbdkit) echo "$NBDKIT_PID" ;;
-  volrep) echo "$VOLREP_PID" ;;
-  volrep-small) echo "$SMALL_PID" ;;
-  esac
+pids_of() { # target: its pid and its secondary's
+  local sec=${PEER_OF[$1]:-}
+  echo "${PIDS[$1]}" ${sec:+"${PIDS[$sec]}"}
 }
-log_counters() { # server: "writes log_syncs log_records bitmap_persists volume_syncs" since start
-  local http
-  case $1 in
-  nbdkit)
+log_counters() { # target: "writes log_syncs log_records bitmap_persists volume_syncs" since start
+  if [[ $1 == nbdkit ]]; then
     echo '- - - - -'
     return
-    ;;
-  volrep) http=$VOLREP_HTTP ;;
-  volrep-small) http=$SMALL_HTTP ;;
-  esac
-  node "$HELPER" metrics "127.0.0.1:$http"
+  fi
+  node "$HELPER" metrics "127.0.0.1:${HTTP_PORT[$1]}"
 }
 
-run_fio() { # server out.json fio-args...: runs one fio job against the server
-  local server=$1 out=$2
+run_fio() { # target out.json fio-args...: runs one fio job against the target
+  local target=$1 out=$2 pid
   shift 2
-  if ! fio --name=bench --ioengine=nbd --uri="$(uri_of "$server")" --size="$SIZE" \
-    --output-format=json --output="$out" "$@" >"$WORK/last-fio.log" 2>&1; then
-    die "fio failed against $server: fio $*"
+  if ! fio --name=bench --ioengine=nbd --uri="$(uri_of "$target")" --size="$SIZE" \
+    --output-format=json --output="$out" "$@" >"$WORK/last-fio.txt" 2>&1; then
+    cat "$WORK/last-fio.txt" >&2
+    die "fio failed against $target: fio $*"
   fi
-  kill -0 "$(pid_of "$server")" 2>/dev/null || die "$server died during fio $*"
+  for pid in $(pids_of "$target"); do
+    kill -0 "$pid" 2>/dev/null || die "$target died during fio $*"
+  done
 }
 
 say "volrep NBD bench: ${RUNTIME}s + ${RAMP}s ramp per run, $REPEATS repeat(s), sparse $SIZE files in $WORK"
-say "  $(fio --version), $(nbdkit --version | head -n 1), node $(node --version)"
-say "  nbdkit (file plugin) on 127.0.0.1:$NBDKIT_PORT, volrep primary on 127.0.0.1:$VOLREP_PORT (metrics :$VOLREP_HTTP)"
+say "  $(fio --version), $(nbdkit --version | head -n 1), $(rsync --version | head -n 1), node $(node --version), $(nproc) CPU(s)"
+say "  (a) nbdkit      file plugin on 127.0.0.1:${NBD_PORT[nbdkit]}"
+say "  (b) volrep      primary alone on 127.0.0.1:${NBD_PORT[volrep]} (metrics :${HTTP_PORT[volrep]})"
+say "  (c) volrep-async primary --peer (async, --assume-clean) on 127.0.0.1:${NBD_PORT[volrep-async]}" \
+  "-> secondary :${LISTEN_PORT[volrep-async-secondary]}"
+say "  (d) volrep-sync  primary --peer --mode sync (--assume-clean) on 127.0.0.1:${NBD_PORT[volrep-sync]}" \
+  "-> secondary :${LISTEN_PORT[volrep-sync-secondary]}"
 if ((SMALL)); then
-  say "  volrep-small: primary --activity-window $SMALL_WINDOW, volume --region-size $SMALL_REGION," \
-    "on 127.0.0.1:$SMALL_PORT (metrics :$SMALL_HTTP), rows that write only"
+  say "  (e) volrep-small primary --activity-window $SMALL_WINDOW, volume --region-size $SMALL_REGION," \
+    "on 127.0.0.1:${NBD_PORT[volrep-small]}, rows that write only"
 else
   say "  note: $SMALL_NOTE"
 fi
 
 # --- warm-up: one sequential write pass over each whole file -------------------------------------
-for server in "${SERVERS[@]}"; do
-  run_fio "$server" "$WORK/warm-$server.json" --rw=write --bs=1M --iodepth=8
-  read -r _ bw _ < <(node "$HELPER" parse "$WORK/warm-$server.json") || die "bad fio output (warm-up $server)"
-  say "  warm-up $server: $((bw / 1000000)) MB/s"
+for target in "${TARGETS[@]}"; do
+  t0=$(now_ms)
+  run_fio "$target" "$WORK/warm-$target.json" --rw=write --bs=1M --iodepth=8
+  read -r _ bw _ < <(node "$HELPER" parse "$WORK/warm-$target.json") || die "bad fio output (warm-up $target)"
+  text=
+  if [[ -n ${PEER_OF[$target]:-} ]]; then
+    read -r t1 _ < <(wait_insync "$target")
+    text="; in sync $((t1 - t0)) ms after the start of the pass"
+  fi
+  say "  warm-up $target: $((bw / 1000000)) MB/s$text"
 done
 
 # --- measurement ----------------------------------------------------------------------------------
 SAMPLES="$WORK/samples.tsv"
 : >"$SAMPLES"
 for ((rep = 1; rep <= REPEATS; rep++)); do
-  order=("${SERVERS[@]}")
+  order=("${TARGETS[@]}")
   if ((rep % 2 == 0)); then
     order=()
-    for ((i = ${#SERVERS[@]} - 1; i >= 0; i--)); do order+=("${SERVERS[i]}"); done
+    for ((i = ${#TARGETS[@]} - 1; i >= 0; i--)); do order+=("${TARGETS[i]}"); done
   fi
   for ((r = 0; r < ${#ROWS[@]}; r++)); do
     read -r row rw bs qd <<<"${ROWS[r]}"
-    # Same offsets for every server within a repeat, new ones for every row and repeat: by default
+    # Same offsets for every target within a repeat, new ones for every row and repeat: by default
     # fio replays one sequence in every run, rewriting regions the previous run just logged (fio
     # 3.33 ignores --randseed unless --randrepeat=0).
     seed=$((rep * 1000 + r + 1))
-    for server in "${order[@]}"; do
+    for target in "${order[@]}"; do
       # The small-window server only runs the rows that write.
-      if [[ $server == volrep-small && $rw != *write* ]]; then continue; fi
-      out="$WORK/$row-$server-$rep.json"
-      pid=$(pid_of "$server")
-      m0=$(log_counters "$server") || die "cannot read /metrics of $server"
+      if [[ $target == volrep-small && $rw != *write* ]]; then continue; fi
+      out="$WORK/$row-$target-$rep.json"
+      read -r -a pids <<<"$(pids_of "$target")"
+      m0=$(log_counters "$target") || die "cannot read /metrics of $target"
       t0=$(date +%s%N)
-      c0=$(cpu_ticks "$pid")
-      run_fio "$server" "$out" --rw="$rw" --bs="$bs" --iodepth="$qd" \
+      c0=$(cpu_ticks "${pids[@]}")
+      run_fio "$target" "$out" --rw="$rw" --bs="$bs" --iodepth="$qd" \
         --randrepeat=0 --randseed="$seed" \
         --time_based --runtime="$RUNTIME" --ramp_time="$RAMP"
-      c1=$(cpu_ticks "$pid")
+      c1=$(cpu_ticks "${pids[@]}")
       t1=$(date +%s%N)
-      m1=$(log_counters "$server") || die "cannot read /metrics of $server"
+      m1=$(log_counters "$target") || die "cannot read /metrics of $target"
+      # Drain a pair's backlog before the next run (not part of the measured run).
+      wait=-
+      if [[ -n ${PEER_OF[$target]:-} ]]; then read -r _ wait < <(wait_insync "$target"); fi
       # Server CPU over the whole fio run (ramp and connection setup included), 100 = one core.
       cpu=$(((c1 - c0) * 100 * 1000000000 / CLK_TCK / (t1 - t0)))
-      read -r iops bw lat < <(node "$HELPER" parse "$out") || die "bad fio output ($row $server)"
+      read -r iops bw lat < <(node "$HELPER" parse "$out") || die "bad fio output ($row $target)"
       # Log counter deltas over the same fio run (ramp included): writes syncs records bitmap vsyncs.
       read -r -a a <<<"$m0"
       read -r -a b <<<"$m1"
@@ -275,50 +343,96 @@ for ((rep = 1; rep <= REPEATS; rep++)); do
             'BEGIN { printf "  log %.3f syncs/write %.3f records/write", s / w, r / w }')
         fi
       fi
-      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$row" "$server" "$rep" "$iops" "$bw" "$lat" "$cpu" \
-        "$(IFS=$'\t' && echo "${deltas[*]}")" >>"$SAMPLES"
+      [[ $wait == - ]] || logtext+="  in sync +${wait} ms"
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$row" "$target" "$rep" "$iops" "$bw" "$lat" "$cpu" \
+        "$wait" "$(IFS=$'\t' && echo "${deltas[*]}")" >>"$SAMPLES"
       if [[ $bs == 1M ]]; then value="$((bw / 1000000)) MB/s"; else value="${iops%.*} IOPS"; fi
       printf '  [%d/%d] %-18s %-12s %12s  clat %8s µs  server CPU %3d%%%s\n' \
-        "$rep" "$REPEATS" "$row" "$server" "$value" "$lat" "$cpu" "$logtext"
+        "$rep" "$REPEATS" "$row" "$target" "$value" "$lat" "$cpu" "$logtext"
     done
   done
 done
+FIO_SECONDS=$(($(date +%s) - BENCH_T0))
+
+# --- resync vs rsync, on the async pair ----------------------------------------------------------
+say ""
+say "resync vs rsync: volrep-async pair, $RESYNC_REGIONS regions of 64 KiB changed while the secondary is down"
+P=volrep-async
+S=volrep-async-secondary
+PRI_HTTP="127.0.0.1:${HTTP_PORT[$P]}"
+wait_insync "$P" >/dev/null
+region_size=$(node "$HELPER" status "$PRI_HTTP" volume.regionSize) || die "cannot read /status of $P"
+((region_size == 65536)) || die "$P: region size $region_size, expected 65536"
+resync0=$(node "$HELPER" counter "$PRI_HTTP" volrep_resync_bytes_total) || die "cannot read /metrics of $P"
+rc=0
+stop_daemon "$S" || rc=$?
+((rc == 0)) || die "volrep secondary did not stop cleanly on SIGTERM (exit status $rc)"
+cp --sparse=never "$WORK/$S.img" "$WORK/old-copy.img" # the replica as it was
+node "$HELPER" scatter "127.0.0.1:${NBD_PORT[$P]}" volrep "$RESYNC_REGIONS" "$region_size" ||
+  die "writing $RESYNC_REGIONS regions through NBD failed"
+dirty=$(node "$HELPER" status "$PRI_HTTP" dirtyRegions) || die "cannot read /status of $P"
+say "  secondary stopped (SIGTERM), replica copied, $RESYNC_REGIONS random regions written; primary: $dirty dirty regions"
+connects0=$(grep -c '"connected to secondary"' "$WORK/$P.log" || true)
+t_restart=$(now_ms)
+start_secondary "$S"
+t_serving=$(now_ms)
+read -r t_insync _ < <(wait_insync "$P")
+resync1=$(node "$HELPER" counter "$PRI_HTTP" volrep_resync_bytes_total) || die "cannot read /metrics of $P"
+# When the primary reconnected (its log's timestamp, ms since the epoch): the rest is the resync.
+t_connected=$(grep '"connected to secondary"' "$WORK/$P.log" | tail -n +"$((connects0 + 1))" | head -n 1 |
+  node -e 'let s="";process.stdin.on("data",(d)=>{s+=d}).on("end",()=>{console.log(s?JSON.parse(s).time:"-")})')
+cmp -s "$WORK/$P.img" "$WORK/$S.img" || die "after the resync the replica differs from the primary volume"
+say "  replica identical to the primary after the resync (cmp)"
+
+rsync_t0=$(now_ms)
+rsync --inplace --no-whole-file --stats "$WORK/$P.img" "$WORK/old-copy.img" >"$WORK/rsync.txt" 2>&1 ||
+  die "rsync failed: $(cat "$WORK/rsync.txt")"
+rsync_t1=$(now_ms)
+cmp -s "$WORK/$P.img" "$WORK/old-copy.img" || die "after rsync the old copy differs from the primary volume"
+say "  old copy identical to the primary after rsync (cmp)"
+
+RESYNC_KV="$WORK/resync.kv"
+{
+  echo "regions=$RESYNC_REGIONS"
+  echo "regionSize=$region_size"
+  echo "dirtyBefore=$dirty"
+  echo "resyncBytes=$((resync1 - resync0))"
+  echo "restartToServingMs=$((t_serving - t_restart))"
+  echo "restartToConnectedMs=$([[ $t_connected == - ]] && echo - || echo $((t_connected - t_restart)))"
+  echo "restartToInSyncMs=$((t_insync - t_restart))"
+  echo "connectedToInSyncMs=$([[ $t_connected == - ]] && echo - || echo $((t_insync - t_connected)))"
+  echo "rsyncMs=$((rsync_t1 - rsync_t0))"
+} >"$RESYNC_KV"
 
 # --- shut down and report -------------------------------------------------------------------------
-pid=$VOLREP_PID
-VOLREP_PID=
-stop_pid "$pid" || die "volrep primary did not stop cleanly (exit status $?)"
-if [[ -n $SMALL_PID ]]; then
-  pid=$SMALL_PID
-  SMALL_PID=
-  stop_pid "$pid" || die "volrep primary (small window) did not stop cleanly (exit status $?)"
-fi
-pid=$NBDKIT_PID
-NBDKIT_PID=
-stop_pid "$pid" || true # nbdkit exits with a signal status on SIGTERM; that is fine
-for name in volrep volrep-small; do
-  [[ -f $WORK/$name.log ]] || continue
-  errors=$(grep -c '"level":[56]0' "$WORK/$name.log" || true)
+for name in volrep volrep-async volrep-sync volrep-small; do
+  [[ -n ${PIDS[$name]:-} ]] || continue
+  rc=0
+  stop_daemon "$name" || rc=$?
+  ((rc == 0)) || die "volrep primary $name did not stop cleanly (exit status $rc)"
+done
+for name in volrep-async-secondary volrep-sync-secondary; do
+  rc=0
+  stop_daemon "$name" || rc=$?
+  ((rc == 0)) || die "volrep secondary $name did not stop cleanly (exit status $rc)"
+done
+stop_daemon nbdkit || true # nbdkit exits with a signal status on SIGTERM; that is fine
+for log in "$WORK"/volrep*.log; do
+  errors=$(grep -c '"level":[56]0' "$log" || true)
   if ((errors > 0)); then
-    say "warning: $name logged $errors error line(s), e.g.:"
-    grep -m 3 '"level":[56]0' "$WORK/$name.log"
+    say "warning: $(basename "$log" .log) logged $errors error line(s), e.g.:"
+    grep -m 3 '"level":[56]0' "$log"
   fi
 done
 
 say ""
-say "medians of $REPEATS run(s), fio --ioengine=nbd --size=$SIZE --time_based --runtime=$RUNTIME --ramp_time=$RAMP:"
+say "medians of $REPEATS run(s), fio --ioengine=nbd --size=$SIZE --time_based --runtime=$RUNTIME --ramp_time=$RAMP" \
+  "(fio part: ${FIO_SECONDS}s):"
 small_env=()
 if ((SMALL)); then small_env=(BENCH_SMALL_WINDOW="$SMALL_WINDOW" BENCH_SMALL_REGION="$SMALL_REGION"); fi
 env BENCH_RUNTIME="$RUNTIME" BENCH_REPEATS="$REPEATS" BENCH_FIO_VERSION="$(fio --version)" \
-  BENCH_NBDKIT_VERSION="$(nbdkit --version | head -n 1)" "${small_env[@]}" \
-  node "$HELPER" report "$SAMPLES" "$RESULT_JSON"
-say "log syncs/records per write: volrep /metrics deltas over each whole fio run (ramp included),"
-say "  summed over the repeats (- : the row does not write)"
-if ((SMALL)); then
-  say "\"window $SMALL_WINDOW/$SMALL_REGION regions\" rows: volrep primary --activity-window $SMALL_WINDOW on a volume" \
-    "of $SMALL_REGION regions, against the same nbdkit runs"
-else
-  say "note: $SMALL_NOTE"
-fi
+  BENCH_NBDKIT_VERSION="$(nbdkit --version | head -n 1)" BENCH_RSYNC_VERSION="$(rsync --version | head -n 1)" \
+  "${small_env[@]}" node "$HELPER" report "$SAMPLES" "$RESULT_JSON" "$RESYNC_KV" "$WORK/rsync.txt"
+if ((!SMALL)); then say "note: $SMALL_NOTE"; fi
 say ""
-say "JSON: $RESULT_JSON"
+say "total bench time: $(($(date +%s) - BENCH_T0))s; JSON: $RESULT_JSON"
