@@ -65,6 +65,13 @@ export class Volume {
   static async open(volumePath: string, opts: VolumeOptions = {}): Promise<Volume> {
     const file = await VolumeFile.open(volumePath, { metaDir: opts.metaDir });
     try {
+      if (file.meta.role !== 'primary') {
+        // Writing a replica behind its primary's back would diverge it silently.
+        throw new VolrepError(
+          'VOLREP_ERR_META',
+          `${volumePath} is a replica (created with --secondary-of); serve it with --read-only to inspect it`,
+        );
+      }
       const raw = new FileDevice(file.fd, file.size);
       const { meta } = file;
       const windowBytes = opts.activityWindowBytes ?? DEFAULT_ACTIVITY_WINDOW_BYTES;

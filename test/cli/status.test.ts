@@ -71,6 +71,19 @@ describe('replication addresses are loopback only (no authentication yet)', { ti
     );
   });
 
+  it('a primary refuses to write a volume created as a replica, but serves it read-only', async () => {
+    const volume = createVolumeCli(dir, 'replica.img', '16M', [
+      '--secondary-of',
+      '00000000-0000-4000-8000-000000000000',
+    ]);
+    assertUsageError(
+      await volrepAsync(['primary', '--volume', volume, '--nbd', '127.0.0.1:0']),
+      /is a replica/,
+    );
+    const ro = await startPrimary(volume, { extra: ['--read-only'] });
+    assert.equal(await ro.stop(), 0);
+  });
+
   it('a secondary refuses a volume created as a primary', async () => {
     const volume = createVolumeCli(dir, 'wrong.img', '16M');
     assertUsageError(
