@@ -54,7 +54,7 @@ export class ChunkQueue {
   }
 
   /** Drops up to `n` bytes; returns how many were dropped. */
-  skip(n: number): number {
+  discard(n: number): number {
     const dropped = Math.min(n, this.total);
     let left = dropped;
     while (left > 0) {

@@ -114,7 +114,7 @@ export class RequestParser {
     const request = this.awaiting!;
     if (this.discardLeft > 0) {
       // Too large to hold: drop the payload as it arrives so the stream stays in frame.
-      this.discardLeft -= queue.skip(this.discardLeft);
+      this.discardLeft -= queue.discard(this.discardLeft);
       if (this.discardLeft > 0) return undefined;
     } else {
       if (queue.length < request.length) return undefined;

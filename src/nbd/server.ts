@@ -336,7 +336,7 @@ class Connection {
 
   private closeAfterReplies(): void {
     this.phase = 'closing';
-    this.queue.skip(this.queue.length);
+    this.queue.discard(this.queue.length);
     this.socket.end();
     setTimeout(() => this.socket.destroy(), CLOSE_GRACE_MS).unref();
   }

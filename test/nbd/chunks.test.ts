@@ -8,7 +8,7 @@ type Op =
   | { kind: 'push'; bytes: Uint8Array }
   | { kind: 'take'; n: number }
   | { kind: 'takeViews'; n: number }
-  | { kind: 'skip'; n: number }
+  | { kind: 'discard'; n: number }
   | { kind: 'takeTooMuch'; extra: number };
 
 const arbOp: fc.Arbitrary<Op> = fc.oneof(
@@ -18,7 +18,7 @@ const arbOp: fc.Arbitrary<Op> = fc.oneof(
   },
   { weight: 3, arbitrary: fc.record({ kind: fc.constant('take' as const), n: fc.nat({ max: 90 }) }) },
   { weight: 3, arbitrary: fc.record({ kind: fc.constant('takeViews' as const), n: fc.nat({ max: 90 }) }) },
-  { weight: 2, arbitrary: fc.record({ kind: fc.constant('skip' as const), n: fc.nat({ max: 120 }) }) },
+  { weight: 2, arbitrary: fc.record({ kind: fc.constant('discard' as const), n: fc.nat({ max: 120 }) }) },
   {
     weight: 1,
     arbitrary: fc.record({
@@ -39,7 +39,7 @@ function isViewOf(view: Buffer, chunks: Buffer[]): boolean {
 }
 
 describe('ChunkQueue', () => {
-  it('take/takeViews/skip agree with a Buffer.concat model under random pushes and reads', () => {
+  it('take/takeViews/discard agree with a Buffer.concat model under random pushes and reads', () => {
     fc.assert(
       fc.property(fc.array(arbOp, { maxLength: 80 }), (ops) => {
         const queue = new ChunkQueue();
@@ -74,8 +74,8 @@ describe('ChunkQueue', () => {
               model = model.subarray(n);
               break;
             }
-            case 'skip': {
-              const dropped = queue.skip(op.n);
+            case 'discard': {
+              const dropped = queue.discard(op.n);
               assert.equal(dropped, Math.min(op.n, model.length));
               model = model.subarray(dropped);
               break;
@@ -110,7 +110,7 @@ describe('ChunkQueue', () => {
     assert.ok(!isViewOf(straddle, [a, b]));
     assert.deepEqual([...straddle], [3, 4, 5, 6]);
     assert.equal(queue.length, 2);
-    assert.equal(queue.skip(10), 2);
+    assert.equal(queue.discard(10), 2);
     assert.equal(queue.length, 0);
     assert.equal(queue.take(0).length, 0);
     assert.deepEqual(queue.takeViews(0), []);
