@@ -14,8 +14,8 @@ export {
   type SecondaryStatus,
   startSecondary,
 } from './daemon/secondary.js';
+export { type ErrorCode, VolrepError } from './errors.js';
 export { NbdClient } from './nbd/client.js';
-export { type ErrorCode, VolrepError } from './util/errors.js';
 export { formatSize, parseSize } from './util/size.js';
 export type { Meta } from './volume/meta.js';
 export { Transaction, Volume, type VolumeOptions, type VolumeStatus } from './volume/replicated.js';

@@ -1,4 +1,4 @@
-import { VolrepError } from '../util/errors.js';
+import { VolrepError } from '../errors.js';
 import { parseSize } from '../util/size.js';
 import { createVolume, defaultMetaDir } from '../volume/volume.js';
 

@@ -12,8 +12,8 @@ import path from 'node:path';
 import pino from 'pino';
 import { type RunningPrimary, startPrimary } from '../daemon/primary.js';
 import { startSecondary } from '../daemon/secondary.js';
+import { VolrepError } from '../errors.js';
 import { NbdClient } from '../nbd/client.js';
-import { VolrepError } from '../util/errors.js';
 import { formatSize, parseSize } from '../util/size.js';
 import { createVolume } from '../volume/volume.js';
 
@@ -32,7 +32,8 @@ export async function runDemo(flags: DemoFlags): Promise<void> {
   const say = (line: string) => process.stdout.write(`${line}\n`);
   const dir = await fsp.mkdtemp(path.join(os.tmpdir(), 'volrep-demo-'));
   const logger = pino(
-    { level: process.env.VOLREP_LOG_LEVEL ?? 'warn' },
+    // The demo's output is for a person: the daemons' JSON log shows only errors (or on request).
+    { level: process.env.VOLREP_LOG_LEVEL ?? 'error' },
     pino.destination({ fd: 2, sync: true }),
   );
   const cleanup: (() => Promise<unknown>)[] = [];

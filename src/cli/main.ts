@@ -3,7 +3,7 @@
  * is one line and exit code 1; never a stack trace (set VOLREP_DEBUG=1 to see one).
  */
 import { Command, CommanderError, Option } from 'commander';
-import { EXIT_RUNTIME, EXIT_USAGE, VolrepError } from '../util/errors.js';
+import { EXIT_RUNTIME, EXIT_USAGE, VolrepError } from '../errors.js';
 import { runCreate } from './create.js';
 import { runDemo } from './demo.js';
 import { runPrimary } from './primary.js';

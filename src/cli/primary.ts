@@ -1,7 +1,7 @@
 import { createLogger } from '../daemon/logger.js';
 import { startPrimary } from '../daemon/primary.js';
+import { VolrepError } from '../errors.js';
 import { parseHostPort } from '../util/address.js';
-import { VolrepError } from '../util/errors.js';
 import { parseDuration, parseSize } from '../util/size.js';
 
 export interface PrimaryFlags {
@@ -31,6 +31,7 @@ export async function runPrimary(flags: PrimaryFlags): Promise<void> {
   const logger = createLogger('volrep-primary');
   const signals = new StopSignals(logger);
   const primary = await startPrimary({
+    onFailure: (err) => signals.fail(err),
     activityWindowBytes,
     peer,
     mode: flags.mode,
@@ -51,9 +52,11 @@ export async function runPrimary(flags: PrimaryFlags): Promise<void> {
 /**
  * SIGINT/SIGTERM handling, installed before the daemon starts so that a signal arriving during
  * startup (or right after the ready line) still means a graceful stop, never node's default kill.
+ * A fatal failure of the daemon (an I/O error) stops it the same way, then fails the command.
  */
 export class StopSignals {
   private requested: NodeJS.Signals | undefined;
+  private failure: Error | undefined;
   private wake: (() => void) | undefined;
   private readonly onSignal = (signal: NodeJS.Signals) => {
     if (this.requested) {
@@ -70,11 +73,20 @@ export class StopSignals {
     process.on('SIGTERM', this.onSignal);
   }
 
-  /** Waits for a signal (or uses one that already came), then runs `stop`. */
+  /** The daemon cannot go on: stop it, then make the command fail with this error. */
+  fail(err: Error): void {
+    this.failure ??= err;
+    this.wake?.();
+  }
+
+  /** Waits for a signal or a failure (or uses one that already came), then runs `stop`. */
   async stopWith(stop: () => Promise<void>): Promise<void> {
-    if (!this.requested) await new Promise<void>((resolve) => (this.wake = resolve));
-    await stop();
+    if (!this.requested && !this.failure) await new Promise<void>((resolve) => (this.wake = resolve));
+    await stop().catch((err: unknown) => {
+      if (!this.failure) throw err;
+    });
     process.off('SIGINT', this.onSignal);
     process.off('SIGTERM', this.onSignal);
+    if (this.failure) throw this.failure;
   }
 }

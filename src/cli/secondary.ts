@@ -16,6 +16,7 @@ export async function runSecondary(flags: SecondaryFlags): Promise<void> {
   const logger = createLogger('volrep-secondary');
   const signals = new StopSignals(logger);
   const secondary = await startSecondary({
+    onFailure: (err) => signals.fail(err),
     volumePath: flags.volume,
     metaDir: flags.meta,
     listen,

@@ -4,8 +4,8 @@
  * the replica is being resynchronised.
  */
 import http from 'node:http';
+import { VolrepError } from '../errors.js';
 import { formatHostPort, parseHostPort } from '../util/address.js';
-import { VolrepError } from '../util/errors.js';
 import { formatSize } from '../util/size.js';
 
 export interface StatusFlags {
@@ -107,9 +107,13 @@ export function render(s: Status): string {
     );
   }
   if (s.replica) {
-    lines.push(
-      `replica     ${s.replica.consistent ? 'consistent' : 'INCONSISTENT (resync in progress)'}, acked through update ${s.replica.lastAckedUpdate}`,
-    );
+    const linked = s.peer?.state === 'connected' || s.peer?.state === 'resyncing';
+    const state = !linked
+      ? 'state unknown while disconnected'
+      : s.replica.consistent
+        ? 'consistent'
+        : 'INCONSISTENT (resync in progress)';
+    lines.push(`replica     ${state}, acked through update ${s.replica.lastAckedUpdate}`);
   }
   if (s.lastAppliedUpdate !== undefined) {
     lines.push(

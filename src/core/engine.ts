@@ -16,9 +16,18 @@
  *   when the window is over size; a dirty one is pinned (H11).
  * - A checkpoint snapshots the indicator map and ends all coverage at once (H1); once the
  *   bitmap is persisted, every record before the snapshot's log position is free.
+ * - Volume durability: `volumeUnsynced` holds regions with volume writes finished since the
+ *   last volume sync was issued. A clean region leaves the window only after a sync that came
+ *   after its writes (H15); FLUSH and FUA wait for such a sync too, so every sync is the
+ *   engine's and counts for all three. Until the first sync after start, the volume may hold a
+ *   dead process's unsynced writes: nothing is read for a resync before it (H17).
+ * - Barriers (H13, H16) and the resync's begin and end marks go into the same ordered stream
+ *   as the updates: a FLUSH or a FUA write puts a barrier after every update issued before it.
+ * - Sync mode: a transaction completes only once each of its updates is acked or lost (lost
+ *   when the link drops: it then completes locally and its regions stay dirty).
  */
 import assert from 'node:assert/strict';
-import { EngineError } from './errors.js';
+import { VolrepError } from '../errors.js';
 import { IndicatorMap } from './indicator-map.js';
 import { Queue } from './queue.js';
 import {
@@ -38,8 +47,11 @@ export const REGION_SIZE_MAX = 16 * 1024 * 1024;
 export const LOG_CAPACITY_RECORDS_MIN = 4;
 /** Writes per transaction: one range each in the begin record. */
 export const TX_WRITES_MAX = RECORD_RANGES_MAX;
-/** Bytes of one write; the shell splits larger TRIM/WRITE_ZEROES requests. */
-export const WRITE_BYTES_MAX = 64 * 1024 * 1024;
+/**
+ * Bytes of one write, and so of one update on the stream (the replication frame is sized from
+ * it); the library splits larger writes into several. Also NBD's largest request.
+ */
+export const WRITE_BYTES_MAX = 32 * 1024 * 1024;
 /** In-flight accounting charge for an update without a data buffer (zero, trim). */
 export const UPDATE_OVERHEAD_BYTES = 64;
 /** Update ids reserved per durable reservation; one log sync per this many updates at most. */
@@ -93,6 +105,18 @@ export interface EngineConfig {
    * write back off the volume while the replica keeps it, with nothing marking the region).
    */
   volumeWritesDurable?: boolean;
+  /** Sync mode: a transaction completes only when the secondary acked all its updates. */
+  syncMode?: boolean;
+}
+
+/** Options of one client transaction. */
+export interface TransactionOptions {
+  /**
+   * Force unit access: the transaction completes only once its writes are durable on the volume,
+   * and it is a barrier on the stream (H16): on the replica it is durable before anything issued
+   * after it is written there.
+   */
+  fua?: boolean;
 }
 
 /** The smallest log capacity for a configuration. */
@@ -137,8 +161,13 @@ export type Action =
   | { type: 'send'; updateId: number; offset: number; length: number; kind: WriteKind; source: UpdateSource }
   /** No connection: forget the update's buffer without sending it (its region stays dirty). */
   | { type: 'dropUpdate'; updateId: number; source: UpdateSource }
-  /** Every write of the transaction is on the volume: reply to the client. */
+  /**
+   * The transaction is done: every write is on the volume (durably, with FUA) and, in sync
+   * mode, acked or lost. Reply to the client.
+   */
   | { type: 'complete'; txId: number }
+  /** A FLUSH is done: every write completed before it is durable on the volume. */
+  | { type: 'flushed'; flushId: number }
   /** Write the bitmap atomically; then call handleBitmapPersisted(checkpointId). */
   | { type: 'persistBitmap'; checkpointId: number; bitmap: Uint8Array; coveredLsn: number; idLimit: number }
   /** Records before `upToLsn` are no longer needed; the log may reuse their space. */
@@ -149,9 +178,16 @@ export type Action =
   | { type: 'syncVolume'; syncId: number }
   /**
    * Put a barrier on the stream after update `afterUpdateId` (H13): the secondary makes all
-   * updates before it durable before applying any after it. Only while connected.
+   * updates before it durable before applying any after it. `resyncEnd` also tells it the
+   * resync is over (consistent again once durable). Only while connected.
    */
-  | { type: 'sendBarrier'; barrierId: number; afterUpdateId: number };
+  | { type: 'sendBarrier'; barrierId: number; afterUpdateId: number; kind: BarrierKind }
+  /** Before anything else on this connection: a resync starts (the replica is inconsistent). */
+  | { type: 'sendResyncBegin' }
+  /** The marks of a markAllDirty() are durable: the full sync may start. */
+  | { type: 'allDirtyDurable' };
+
+export type BarrierKind = 'flush' | 'resyncEnd';
 
 type OpState = 'log' | 'order' | 'io' | 'ready' | 'sent';
 
@@ -159,7 +195,14 @@ interface ClientTx {
   id: number;
   writes: WriteRequest[];
   bytes: number;
+  /** Volume writes not yet finished. */
   remaining: number;
+  /** Updates not yet acked or lost (sync mode waits for them). */
+  unsettled: number;
+  fua: boolean;
+  /** With FUA: the volume sync id that makes its writes durable (0: none needed). */
+  syncNeeded: number;
+  completed: boolean;
 }
 
 /** One update: a client write or a resync of one region. */
@@ -229,6 +272,8 @@ export interface EngineStats {
   connected: boolean;
   resyncing: boolean;
   checkpointInFlight: boolean;
+  /** The first volume sync after start is done (H17). */
+  volumeTrusted: boolean;
 }
 
 export class Engine {
@@ -290,11 +335,17 @@ export class Engine {
   private volumeUnsynced = new Set<number>();
   private volumeSyncing: Set<number> | null = null;
   private volumeSyncId = 0;
+  private volumeSyncDone = 0;
   private lastVolumeSyncMs = 0;
   private readonly evictWait = new Set<number>();
+  /** H17: false until a volume sync issued after start is done (the volume may hold a dead process's unsynced writes). */
+  private volumeTrusted: boolean;
+  /** FUA transactions and FLUSHes waiting for a volume sync (`need`: its id), in id order. */
+  private readonly syncWaiters = new Queue<{ need: number; tx: ClientTx | null; flushId: number }>();
+  private nextFlushId = 1;
 
-  // Barriers (H13), in id order.
-  private readonly barriers = new Queue<{ barrierId: number; afterUpdateId: number }>();
+  // Barriers (H13, H16), in id order.
+  private readonly barriers = new Queue<{ barrierId: number; afterUpdateId: number; kind: BarrierKind }>();
   private nextBarrierId = 1;
 
   // Connection and resync.
@@ -304,12 +355,18 @@ export class Engine {
   private resyncCursor = 0;
   private readonly resyncRetry = new Set<number>();
   private resyncOps = 0;
+  /** A resync mark went out on this connection; its end mark goes once the replica caught up. */
+  private resyncEndPending = false;
+  /** The checkpoint id whose completion makes a markAllDirty() durable (0: none asked). */
+  private allDirtyCheckpoint = 0;
+  private readonly syncMode: boolean;
 
   constructor(config: EngineConfig, recovered?: RecoveredState) {
     validateConfig(config);
     this.config = { ...config };
     this.txWritesMax = config.txWritesMax ?? TX_WRITES_MAX;
     this.volumeWritesDurable = config.volumeWritesDurable ?? false;
+    this.syncMode = config.syncMode ?? false;
     this.regionCount = Math.ceil(config.volumeSize / config.regionSize);
     this.indicator = new IndicatorMap(this.regionCount);
     const idLimit = recovered ? recovered.idLimit : 1;
@@ -336,6 +393,10 @@ export class Engine {
       // Recovered dirty regions have no update in flight: only a resync can clean them.
       this.startCheckpoint();
     }
+    // H17: after a process kill the page cache still holds the dead process's volume writes,
+    // unsynced; a resync must not read them (and an ack clear their regions) before a sync.
+    this.volumeTrusted = this.volumeWritesDurable;
+    if (!this.volumeTrusted) this.issueVolumeSync();
   }
 
   // ---------------------------------------------------------------------------------------------
@@ -375,6 +436,7 @@ export class Engine {
       connected: this.connected,
       resyncing: this.resyncing,
       checkpointInFlight: this.checkpoint !== null,
+      volumeTrusted: this.volumeTrusted,
     };
   }
 
@@ -395,13 +457,13 @@ export class Engine {
 
   /**
    * A client transaction of one or more writes. Returns its id; `complete` with that id follows
-   * once every write is on the volume. It waits (backpressure) while the in-flight window or the
-   * log is full.
+   * once every write is on the volume (durably with `fua`; and acked in sync mode). It waits
+   * (backpressure) while the in-flight window or the log is full.
    */
-  submitTransaction(writes: WriteRequest[], now: number): number {
+  submitTransaction(writes: WriteRequest[], now: number, options: TransactionOptions = {}): number {
     this.advanceTime(now);
     if (writes.length === 0 || writes.length > this.txWritesMax) {
-      throw new EngineError('VOLREP_ERR_REQUEST', `a transaction has 1 to ${this.txWritesMax} writes`);
+      throw new VolrepError('VOLREP_ERR_REQUEST', `a transaction has 1 to ${this.txWritesMax} writes`);
     }
     let bytes = 0;
     for (const w of writes) {
@@ -413,6 +475,10 @@ export class Engine {
       writes: writes.map((w) => ({ ...w })),
       bytes,
       remaining: writes.length,
+      unsettled: writes.length,
+      fua: options.fua === true,
+      syncNeeded: 0,
+      completed: false,
     };
     this.nextTxId += 1;
     this.admitQueue.push(tx);
@@ -424,7 +490,7 @@ export class Engine {
   handleLogSynced(throughLsn: number, now: number): void {
     this.advanceTime(now);
     if (this.syncInFlight === null || throughLsn !== this.syncInFlight) {
-      throw new EngineError('VOLREP_ERR_STATE', `log sync through ${throughLsn} was not requested`);
+      throw new VolrepError('VOLREP_ERR_STATE', `log sync through ${throughLsn} was not requested`);
     }
     this.syncInFlight = null;
     this.logDurable = throughLsn;
@@ -450,7 +516,7 @@ export class Engine {
     this.advanceTime(now);
     const op = this.ops.get(updateId);
     if (op === undefined || op.resync || op.state !== 'io') {
-      throw new EngineError('VOLREP_ERR_STATE', `no volume write ${updateId} in progress`);
+      throw new VolrepError('VOLREP_ERR_STATE', `no volume write ${updateId} in progress`);
     }
     this.finishVolumeIo(op);
     if (!this.volumeWritesDurable) {
@@ -458,7 +524,11 @@ export class Engine {
     }
     const tx = op.tx!;
     tx.remaining -= 1;
-    if (tx.remaining === 0) this.emit({ type: 'complete', txId: tx.id });
+    if (tx.remaining === 0 && tx.fua) {
+      // FUA: durable before it completes, by a volume sync issued after its last write.
+      tx.syncNeeded = this.waitForVolumeSync(tx, 0);
+    }
+    this.maybeComplete(tx);
     this.pump();
   }
 
@@ -467,7 +537,7 @@ export class Engine {
     this.advanceTime(now);
     const op = this.ops.get(updateId);
     if (op === undefined || !op.resync || op.state !== 'io') {
-      throw new EngineError('VOLREP_ERR_STATE', `no resync read ${updateId} in progress`);
+      throw new VolrepError('VOLREP_ERR_STATE', `no resync read ${updateId} in progress`);
     }
     this.resyncOps -= 1;
     this.finishVolumeIo(op);
@@ -479,7 +549,7 @@ export class Engine {
     this.advanceTime(now);
     if (!this.connected) return; // a late message from a closed connection
     if (!Number.isSafeInteger(updateId) || updateId > this.lastSentId) {
-      throw new EngineError(
+      throw new VolrepError(
         'VOLREP_ERR_PROTOCOL',
         `ack for ${updateId}, but the last update sent is ${this.lastSentId}`,
       );
@@ -495,7 +565,12 @@ export class Engine {
     this.connected = false;
     this.ackTimeoutFired = false;
     this.resyncing = false;
+    this.resyncEndPending = false;
     this.resyncRetry.clear();
+    // A resync end not yet on the stream belonged to this connection: the next one resyncs anew.
+    const barriers = [...this.barriers].filter((b) => b.kind !== 'resyncEnd');
+    this.barriers.clear();
+    for (const b of barriers) this.barriers.push(b);
     for (let op = this.sentQueue.shift(); op !== undefined; op = this.sentQueue.shift())
       this.retire(op, true);
     this.startCheckpoint();
@@ -504,13 +579,15 @@ export class Engine {
 
   /**
    * A connection to the secondary is up; `lastAppliedId` is the last update it holds durably
-   * (H14: treated like an ack, never more). Starts a resync of every dirty region (step 7).
+   * (H14: treated like an ack, never more). Starts a resync of every dirty region (step 7). If
+   * there is any, or the replica says it is not consistent (a resync was cut short), the stream
+   * opens with a resync mark and, once the replica has caught up, a resync-end barrier.
    */
-  handleConnected(lastAppliedId: number, now: number): void {
+  handleConnected(lastAppliedId: number, now: number, replicaConsistent = true): void {
     this.advanceTime(now);
-    if (this.connected) throw new EngineError('VOLREP_ERR_STATE', 'already connected');
+    if (this.connected) throw new VolrepError('VOLREP_ERR_STATE', 'already connected');
     if (!Number.isSafeInteger(lastAppliedId) || lastAppliedId < 0 || lastAppliedId >= this.nextId) {
-      throw new EngineError(
+      throw new VolrepError(
         'VOLREP_ERR_PROTOCOL',
         `the secondary reports update ${lastAppliedId}, which this primary never issued (next id ${this.nextId})`,
       );
@@ -520,6 +597,11 @@ export class Engine {
     this.ackedId = Math.max(this.ackedId, Math.min(lastAppliedId, this.lastSentId));
     this.resyncing = true;
     this.resyncCursor = 0;
+    if (this.indicator.count > 0 || !replicaConsistent) {
+      // First on the connection, before any update: the replica is inconsistent from here on.
+      this.emit({ type: 'sendResyncBegin' });
+      this.resyncEndPending = true;
+    }
     this.pump();
   }
 
@@ -528,10 +610,14 @@ export class Engine {
     this.advanceTime(now);
     const cp = this.checkpoint;
     if (cp === null || cp.id !== checkpointId) {
-      throw new EngineError('VOLREP_ERR_STATE', `checkpoint ${checkpointId} is not in progress`);
+      throw new VolrepError('VOLREP_ERR_STATE', `checkpoint ${checkpointId} is not in progress`);
     }
     this.checkpoint = null;
     this.finishCheckpoint(cp);
+    if (this.allDirtyCheckpoint !== 0 && cp.id >= this.allDirtyCheckpoint) {
+      this.allDirtyCheckpoint = 0;
+      this.emit({ type: 'allDirtyDurable' });
+    }
     if (this.checkpointAgain) {
       this.checkpointAgain = false;
       this.startCheckpoint();
@@ -561,36 +647,42 @@ export class Engine {
   handleVolumeSynced(syncId: number, now: number): void {
     this.advanceTime(now);
     if (this.volumeSyncing === null || syncId !== this.volumeSyncId) {
-      throw new EngineError('VOLREP_ERR_STATE', `volume sync ${syncId} is not in progress`);
+      throw new VolrepError('VOLREP_ERR_STATE', `volume sync ${syncId} is not in progress`);
     }
     const synced = this.volumeSyncing;
     this.volumeSyncing = null;
+    this.volumeSyncDone = syncId;
+    this.volumeTrusted = true;
     for (const r of synced) {
-      // Clean window regions whose writes are now durable may leave the window.
+      // Clean regions whose writes are now durable may leave the window (if a checkpoint
+      // ended their coverage, they are clean for the next checkpoint's bitmap).
       if (this.evictWait.has(r) && !this.volumeUnsynced.has(r)) {
         this.evictWait.delete(r);
-        this.lruPush(this.cover.get(r)!);
+        const c = this.cover.get(r);
+        if (c !== undefined) this.lruPush(c);
       }
+    }
+    for (let w = this.syncWaiters.peek(); w !== undefined && w.need <= syncId; w = this.syncWaiters.peek()) {
+      this.syncWaiters.shift();
+      if (w.tx !== null) this.maybeComplete(w.tx);
+      else this.emit({ type: 'flushed', flushId: w.flushId });
     }
     this.pump();
   }
 
   /**
-   * A FLUSH from a client (H13): returns a barrier id; a `sendBarrier` follows once every
-   * update issued so far is on the stream (none if there is no connection then).
+   * A FLUSH from a client (H13): returns its id; `flushed` follows once every write completed
+   * before it is durable on the volume, and a barrier goes on the stream after every update
+   * issued so far (if connected then), so the replica orders around it the same way.
    */
-  /** The id the next submitBarrier will return (its sendBarrier may come before it returns). */
-  get upcomingBarrierId(): number {
-    return this.nextBarrierId;
-  }
-
-  submitBarrier(now: number): number {
+  submitFlush(now: number): number {
     this.advanceTime(now);
-    const barrier = { barrierId: this.nextBarrierId, afterUpdateId: this.nextId - 1 };
-    this.nextBarrierId += 1;
-    this.barriers.push(barrier);
+    const flushId = this.nextFlushId;
+    this.nextFlushId += 1;
+    this.pushBarrier('flush', this.nextId - 1);
+    if (this.waitForVolumeSync(null, flushId) === 0) this.emit({ type: 'flushed', flushId });
     this.pump();
-    return barrier.barrierId;
+    return flushId;
   }
 
   /** Persist the bitmap now (clean shutdown, operator request). */
@@ -607,12 +699,31 @@ export class Engine {
    */
   markAllDirty(now: number): void {
     this.advanceTime(now);
-    if (this.connected) throw new EngineError('VOLREP_ERR_STATE', 'mark everything dirty before connecting');
+    if (this.connected) throw new VolrepError('VOLREP_ERR_STATE', 'mark everything dirty before connecting');
     this.indicator.setAll();
     // Regions with updates in flight are now dirty beyond them: an ack must not clean them (H12).
     for (const entry of this.pending.values()) entry.stale = true;
+    // The checkpoint that snapshots this: the one started now, or the next if one is in flight.
+    this.allDirtyCheckpoint = this.nextCheckpointId;
     this.startCheckpoint();
     this.pump();
+  }
+
+  /**
+   * When the engine next needs `handleTick`: the ack timeout of the oldest update sent, or the
+   * interval after which clean regions waiting to leave the window get their volume sync.
+   * Infinity when nothing is due.
+   */
+  nextDeadline(): number {
+    let at = Number.POSITIVE_INFINITY;
+    const oldest = this.sentQueue.peek();
+    if (this.connected && !this.ackTimeoutFired && oldest !== undefined) {
+      at = oldest.sentAtMs + this.config.ackTimeoutMs;
+    }
+    if (this.volumeSyncing === null && this.volumeUnsynced.size > 0 && this.evictWait.size > 0) {
+      at = Math.min(at, this.lastVolumeSyncMs + VOLUME_SYNC_INTERVAL_MS);
+    }
+    return at;
   }
 
   /**
@@ -794,17 +905,58 @@ export class Engine {
       const b = this.barriers.peek();
       if (b === undefined || b.afterUpdateId >= this.nextReleaseId) return;
       this.barriers.shift();
-      if (this.connected)
-        this.emit({ type: 'sendBarrier', barrierId: b.barrierId, afterUpdateId: b.afterUpdateId });
+      if (this.connected) this.emit({ type: 'sendBarrier', ...b });
     }
   }
 
+  private pushBarrier(kind: BarrierKind, afterUpdateId: number): void {
+    this.barriers.push({ barrierId: this.nextBarrierId, afterUpdateId, kind });
+    this.nextBarrierId += 1;
+  }
+
   /**
-   * Volume durability: asks for a volume sync when clean regions wait on one to leave an
-   * over-full window, when many regions are unsynced, or every VOLUME_SYNC_INTERVAL_MS.
+   * Registers a FUA transaction or a FLUSH that needs every volume write finished so far to be
+   * durable; returns the id of the volume sync that does it, or 0 when they already are.
+   */
+  private waitForVolumeSync(tx: ClientTx | null, flushId: number): number {
+    let need: number;
+    if (this.volumeUnsynced.size > 0) need = this.volumeSyncId + 1;
+    else if (this.volumeSyncing !== null) need = this.volumeSyncId;
+    else return 0;
+    this.syncWaiters.push({ need, tx, flushId });
+    return need;
+  }
+
+  /** Completes a transaction once its writes are on the volume, durably with FUA, and settled in sync mode. */
+  private maybeComplete(tx: ClientTx): void {
+    if (tx.completed || tx.remaining > 0) return;
+    if (tx.fua && this.volumeSyncDone < tx.syncNeeded) return;
+    if (this.syncMode && tx.unsettled > 0) return;
+    tx.completed = true;
+    this.emit({ type: 'complete', txId: tx.id });
+  }
+
+  private issueVolumeSync(): void {
+    assert.equal(this.volumeSyncing, null);
+    this.volumeSyncing = this.volumeUnsynced;
+    this.volumeUnsynced = new Set();
+    this.volumeSyncId += 1;
+    this.lastVolumeSyncMs = this.nowMs;
+    this.emit({ type: 'syncVolume', syncId: this.volumeSyncId });
+  }
+
+  /**
+   * Volume durability: a volume sync for a FLUSH or FUA write waiting on one, or when clean
+   * regions wait on one to leave an over-full window, when many regions are unsynced, or every
+   * VOLUME_SYNC_INTERVAL_MS while clean regions wait.
    */
   private maybeSyncVolume(): void {
-    if (this.volumeSyncing !== null || this.volumeUnsynced.size === 0) return;
+    if (this.volumeSyncing !== null) return;
+    if (this.syncWaiters.peek()?.need === this.volumeSyncId + 1) {
+      this.issueVolumeSync();
+      return;
+    }
+    if (this.volumeUnsynced.size === 0) return;
     // A volume sync only serves clean regions waiting to leave the window (H15); syncing for
     // nothing would make every write pay for disk writeback, which the page cache otherwise hides.
     const waiting = this.evictWait.size > 0;
@@ -813,12 +965,7 @@ export class Engine {
       blocked ||
       this.volumeUnsynced.size >= VOLUME_SYNC_REGIONS_MAX ||
       (waiting && this.nowMs - this.lastVolumeSyncMs >= VOLUME_SYNC_INTERVAL_MS);
-    if (!due) return;
-    this.volumeSyncing = this.volumeUnsynced;
-    this.volumeUnsynced = new Set();
-    this.volumeSyncId += 1;
-    this.lastVolumeSyncMs = this.nowMs;
-    this.emit({ type: 'syncVolume', syncId: this.volumeSyncId });
+    if (due) this.issueVolumeSync();
   }
 
   // ---------------------------------------------------------------------------------------------
@@ -843,6 +990,10 @@ export class Engine {
    * made it dirty (I3); then the region may leave the activity window.
    */
   private retire(op: Op, lost: boolean): void {
+    if (op.tx !== null) {
+      op.tx.unsettled -= 1;
+      this.maybeComplete(op.tx);
+    }
     for (let r = op.first; r <= op.last; r++) {
       const entry = this.pending.get(r)!;
       entry.count -= 1;
@@ -946,7 +1097,8 @@ export class Engine {
     this.cover.clear();
     this.lruHead = null;
     this.lruTail = null;
-    this.evictWait.clear();
+    // Regions in evictWait keep waiting for their volume sync: once it is done they are clean
+    // for the next bitmap (defect: forgetting them made every later bitmap mark them dirty).
     for (const tx of this.txQueue) tx.live = 0;
     // A clean region whose volume writes may not be durable yet is dirty for the bitmap: a
     // power loss could take them back off the volume while the replica keeps them.
@@ -991,7 +1143,7 @@ export class Engine {
    * id and queuing it are one step, and writes to it that come later wait behind the read.
    */
   private pumpResync(): void {
-    if (!this.connected) return;
+    if (!this.connected || !this.volumeTrusted) return; // H17: no read before the volume is synced
     while (this.resyncOps < RESYNC_OPS_MAX) {
       const region = this.nextResyncCandidate();
       if (region === -1) break;
@@ -1060,6 +1212,11 @@ export class Engine {
     this.freeLogSpace();
     this.admitTransactions();
     this.pumpResync();
+    if (this.resyncEndPending && this.replicaCaughtUp()) {
+      // The replica will be a state the volume had once it applies what is on the stream.
+      this.resyncEndPending = false;
+      this.pushBarrier('resyncEnd', this.nextId - 1);
+    }
     this.releaseInOrder();
     this.flushCompletions();
     this.freeLogSpace();
@@ -1116,6 +1273,8 @@ export class Engine {
       txOps.push(op);
     });
     this.logTransaction(txOps);
+    // H16: a FUA write is a barrier on the stream right after it.
+    if (tx.fua) this.pushBarrier('flush', txOps[txOps.length - 1].id);
     if (this.idLimit > this.idLimitAppended) {
       this.appendRecord({ type: 'reserve', lsn: this.logHead, idLimit: this.idLimit }, true);
     }
@@ -1204,7 +1363,7 @@ export class Engine {
       w.offset + w.length <= this.config.volumeSize &&
       (w.kind === 'data' || w.kind === 'zero' || w.kind === 'trim');
     if (!ok) {
-      throw new EngineError(
+      throw new VolrepError(
         'VOLREP_ERR_REQUEST',
         `bad write: offset ${w.offset}, length ${w.length}, kind ${String(w.kind)} (volume ${this.config.volumeSize} bytes, at most ${WRITE_BYTES_MAX} per write)`,
       );
@@ -1253,7 +1412,7 @@ function mergeRanges(ranges: Array<[number, number]>): Array<[number, number]> {
 }
 
 function validateConfig(c: EngineConfig): void {
-  const bad = (what: string) => new EngineError('VOLREP_ERR_CONFIG', what);
+  const bad = (what: string) => new VolrepError('VOLREP_ERR_CONFIG', what);
   const pow2 = (n: number) => Number.isSafeInteger(n) && n > 0 && 2 ** Math.round(Math.log2(n)) === n;
   if (!pow2(c.regionSize) || c.regionSize < REGION_SIZE_MIN || c.regionSize > REGION_SIZE_MAX) {
     throw bad(

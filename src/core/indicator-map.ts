@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { EngineError } from './errors.js';
+import { VolrepError } from '../errors.js';
 
 /** Bits per word of the backing array. */
 const WORD_BITS = 32;
@@ -114,7 +114,7 @@ export class IndicatorMap {
   /** Replaces every bit from a snapshot of the same region count. */
   load(bytes: Uint8Array): void {
     if (bytes.length !== this.words.length * 4) {
-      throw new EngineError(
+      throw new VolrepError(
         'VOLREP_ERR_BITMAP_SIZE',
         `bitmap has ${bytes.length} bytes, expected ${this.words.length * 4} for ${this.regionCount} regions`,
       );
@@ -123,7 +123,7 @@ export class IndicatorMap {
     view.set(bytes);
     const tailBits = this.regionCount % WORD_BITS;
     if (tailBits !== 0 && this.words[this.words.length - 1] >>> tailBits !== 0) {
-      throw new EngineError('VOLREP_ERR_BITMAP_CORRUPT', 'bitmap has bits set beyond the last region');
+      throw new VolrepError('VOLREP_ERR_BITMAP_CORRUPT', 'bitmap has bits set beyond the last region');
     }
     let count = 0;
     for (let i = 0; i < this.words.length; i++) {

@@ -1,5 +1,5 @@
+import { errnoCode, VolrepError } from '../errors.js';
 import { formatHostPort, type HostPort } from '../util/address.js';
-import { errnoCode, VolrepError } from '../util/errors.js';
 
 /** Turns a listen() failure into one clear line. */
 export function listenError(err: unknown, what: string, address: HostPort): VolrepError {

@@ -1,11 +1,14 @@
 /**
  * The primary daemon: opens the volume with the replication engine in its write path, serves it
- * over NBD and, if asked, status and metrics over HTTP.
+ * over NBD, replicates over TCP if given a peer, and serves status and metrics over HTTP if
+ * asked. It only wires files, sockets and timers to the node (src/shell/primary-node.ts).
  */
 import path from 'node:path';
 import type { Logger } from 'pino';
 import { Counter, Gauge } from 'prom-client';
+import { tcpDialer } from '../io/net.js';
 import { NbdServer } from '../nbd/server.js';
+import type { PrimaryNodeStatus } from '../shell/primary-node.js';
 import { formatHostPort, type HostPort } from '../util/address.js';
 import { requireLoopback } from '../util/loopback.js';
 import { FileDevice } from '../volume/file-device.js';
@@ -14,7 +17,6 @@ import { VolumeFile } from '../volume/volume.js';
 import { startHttp } from './http.js';
 import { listenError } from './listen-error.js';
 import { Metrics } from './metrics.js';
-import { PrimaryReplication, type ReplicationStatus } from './replication.js';
 
 export interface PrimaryOptions {
   volumePath: string;
@@ -33,6 +35,8 @@ export interface PrimaryOptions {
   windowBytes?: number;
   assumeClean?: boolean;
   logger: Logger;
+  /** The engine stopped after an I/O failure (the daemon should stop and exit non-zero). */
+  onFailure?: (err: Error) => void;
 }
 
 export interface RunningPrimary {
@@ -43,7 +47,15 @@ export interface RunningPrimary {
   close(): Promise<void>;
 }
 
-export interface PrimaryStatus extends Partial<VolumeStatus>, Partial<ReplicationStatus> {
+export type PeerState = 'connecting' | 'connected' | 'resyncing' | 'disconnected';
+
+export interface ReplicationStatus {
+  peer: { address: string; state: PeerState };
+  resync: { totalBytes: number; doneBytes: number; bytesPerSecond: number };
+  replica: { consistent: boolean; lastAckedUpdate: number };
+}
+
+export interface PrimaryStatus extends Partial<Omit<VolumeStatus, 'resync'>>, Partial<ReplicationStatus> {
   role: 'primary';
   volume: { path: string; id: string; size: number; regionSize: number };
   nbd: { address: string; export: string; connections: number };
@@ -54,7 +66,6 @@ interface Served {
   file: VolumeFile;
   device: FileDevice | Volume['device'];
   volume?: Volume;
-  replication?: PrimaryReplication;
   close(): Promise<void>;
 }
 
@@ -65,45 +76,42 @@ async function openServed(opts: PrimaryOptions): Promise<Served> {
     return { file, device, close: () => file.close() };
   }
   if (opts.peer) requireLoopback(opts.peer.host, '--peer');
-  const replication = opts.peer
-    ? new PrimaryReplication({
-        peer: opts.peer,
-        assumeClean: opts.assumeClean ?? false,
-        ackTimeoutMs: opts.ackTimeoutMs ?? DEFAULT_ACK_TIMEOUT_MS,
-        logger: opts.logger,
-      })
-    : undefined;
+  const peer = opts.peer;
   const volume = await Volume.open(opts.volumePath, {
     metaDir: opts.metaDir,
     activityWindowBytes: opts.activityWindowBytes,
     inflightBytesMax: opts.windowBytes,
-    ackTimeoutMs: opts.ackTimeoutMs,
-    sink: replication,
+    ackTimeoutMs: opts.ackTimeoutMs ?? DEFAULT_ACK_TIMEOUT_MS,
+    syncMode: opts.mode === 'sync',
+    logger: opts.logger,
+    onFailure: opts.onFailure,
+    link: peer
+      ? { dialer: tcpDialer(peer.host, peer.port), assumeClean: opts.assumeClean ?? false }
+      : undefined,
   });
-  volume.driver.syncMode = opts.mode === 'sync';
-  try {
-    await replication?.start(volume);
-  } catch (err) {
-    await volume.close();
-    throw err;
+  return { file: volume.file, device: volume.device, volume, close: () => volume.close() };
+}
+
+/** The peer's state for a person: connecting, connected (in sync or streaming), resyncing, disconnected. */
+function peerState(link: NonNullable<PrimaryNodeStatus['link']>): PeerState {
+  switch (link.state) {
+    case 'streaming':
+      return link.replicaConsistent ? 'connected' : 'resyncing';
+    case 'marking':
+      return 'resyncing';
+    case 'connecting':
+    case 'greeting':
+      return 'connecting';
+    default:
+      return 'disconnected';
   }
-  return {
-    file: volume.file,
-    device: volume.device,
-    volume,
-    replication,
-    async close() {
-      await replication?.stop();
-      await volume.close();
-    },
-  };
 }
 
 export async function startPrimary(opts: PrimaryOptions): Promise<RunningPrimary> {
   const served = await openServed(opts);
-  const { file, volume, replication } = served;
+  const { file, volume } = served;
   const metrics = new Metrics();
-  if (volume) registerEngineMetrics(metrics, volume, replication);
+  if (volume) registerEngineMetrics(metrics, volume);
   const nbd = new NbdServer(served.device, {
     exportName: opts.exportName,
     logger: opts.logger,
@@ -118,18 +126,36 @@ export async function startPrimary(opts: PrimaryOptions): Promise<RunningPrimary
     throw listenError(err, 'NBD', opts.nbd);
   }
 
-  const status = (): PrimaryStatus => ({
-    role: 'primary',
-    volume: {
-      path: path.resolve(file.path),
-      id: file.meta.volumeId,
-      size: file.size,
-      regionSize: file.meta.regionSize,
-    },
-    nbd: { address: nbdAddress, export: opts.exportName, connections: nbd.connectionCount },
-    ...volume?.status(),
-    ...replication?.status(),
-  });
+  const replicationStatus = (s: PrimaryNodeStatus): ReplicationStatus | undefined => {
+    if (!s.link || !opts.peer) return undefined;
+    const state = peerState(s.link);
+    const seconds = (performance.now() - s.resync.startedAtMs) / 1000;
+    const done = Math.min(s.resync.totalBytes, s.resync.doneBytes);
+    return {
+      peer: { address: formatHostPort(opts.peer), state },
+      resync: {
+        totalBytes: s.resync.totalBytes,
+        doneBytes: done,
+        bytesPerSecond: s.resync.active && seconds > 0 ? Math.round(done / seconds) : 0,
+      },
+      replica: { consistent: s.link.replicaConsistent, lastAckedUpdate: s.link.lastAckedUpdate },
+    };
+  };
+  const status = (): PrimaryStatus => {
+    const base = {
+      role: 'primary' as const,
+      volume: {
+        path: path.resolve(file.path),
+        id: file.meta.volumeId,
+        size: file.size,
+        regionSize: file.meta.regionSize,
+      },
+      nbd: { address: nbdAddress, export: opts.exportName, connections: nbd.connectionCount },
+    };
+    if (!volume) return base;
+    const { resync: _resync, link: _link, ...engine } = volume.status();
+    return { ...base, ...engine, ...replicationStatus(volume.status()) };
+  };
   const routes: Record<string, () => unknown> = volume
     ? { '/dirty': () => ({ regionSize: file.meta.regionSize, ranges: volume.dirtyRanges() }) }
     : {};
@@ -152,7 +178,7 @@ export async function startPrimary(opts: PrimaryOptions): Promise<RunningPrimary
       http: httpAddress,
       peer: opts.peer,
       mode: opts.mode,
-      recovery: volume?.driver.recovery,
+      recovery: volume?.recovery,
     },
     'primary serving',
   );
@@ -174,36 +200,27 @@ export async function startPrimary(opts: PrimaryOptions): Promise<RunningPrimary
   };
 }
 
-/** Gauges read from the engine when /metrics is scraped, counters from the driver's tallies. */
-function registerEngineMetrics(metrics: Metrics, volume: Volume, replication?: PrimaryReplication): void {
+/** Gauges read from the node when /metrics is scraped, counters from its tallies. */
+function registerEngineMetrics(metrics: Metrics, volume: Volume): void {
   const registers = [metrics.registry];
-  const engine = () => volume.driver.engine.stats();
-  const counters = volume.driver.counters;
-  new Gauge({
-    name: 'volrep_dirty_regions',
-    help: 'Regions that may differ from the replica',
-    registers,
-    collect() {
-      this.set(engine().dirtyRegions);
-    },
-  });
-  new Gauge({
-    name: 'volrep_pending_updates',
-    help: 'Updates issued and not yet acknowledged by the secondary',
-    registers,
-    collect() {
-      this.set(engine().pendingUpdates);
-    },
-  });
-  new Gauge({
-    name: 'volrep_log_used_bytes',
-    help: 'Bytes of the transaction log in use',
-    registers,
-    collect() {
-      const s = engine();
-      this.set(s.logHeadLsn - s.logFreedLsn);
-    },
-  });
+  const node = () => volume.node.status();
+  const counters = volume.node.counters;
+  const gauge = (name: string, help: string, read: () => number) =>
+    new Gauge({
+      name,
+      help,
+      registers,
+      collect() {
+        this.set(read());
+      },
+    });
+  gauge('volrep_dirty_regions', 'Regions that may differ from the replica', () => node().dirtyRegions);
+  gauge(
+    'volrep_pending_updates',
+    'Updates issued and not yet acknowledged by the secondary',
+    () => node().pendingUpdates,
+  );
+  gauge('volrep_log_used_bytes', 'Bytes of the transaction log in use', () => node().log.usedBytes);
   const tally = (name: string, help: string, read: () => number) =>
     new Counter({
       name,
@@ -217,7 +234,11 @@ function registerEngineMetrics(metrics: Metrics, volume: Volume, replication?: P
   tally('volrep_log_syncs_total', 'Log write+fdatasync batches (group commits)', () => counters.logSyncs);
   tally('volrep_log_records_total', 'Log records appended', () => counters.logRecords);
   tally('volrep_bitmap_persists_total', 'Persistent bitmap writes', () => counters.bitmapPersists);
-  tally('volrep_volume_syncs_total', 'Volume fdatasyncs issued by the engine', () => counters.volumeSyncs);
+  tally(
+    'volrep_volume_syncs_total',
+    'Volume fdatasyncs (the engine issues all of them: FLUSH, FUA and its own)',
+    () => counters.volumeSyncs,
+  );
   tally(
     'volrep_replicated_bytes_total',
     'Bytes of client updates sent to the secondary',
@@ -229,14 +250,8 @@ function registerEngineMetrics(metrics: Metrics, volume: Volume, replication?: P
     () => counters.resyncBytes,
   );
   tally('volrep_acks_total', 'Acks received from the secondary', () => counters.acks);
-  tally('volrep_reconnects_total', 'Reconnections after a lost link', () => replication?.reconnects ?? 0);
-  new Gauge({
-    name: 'volrep_peer_connected',
-    help: '1 while connected to the secondary',
-    registers,
-    collect() {
-      const state = replication?.status().peer.state;
-      this.set(state === 'connected' || state === 'resyncing' ? 1 : 0);
-    },
-  });
+  tally('volrep_reconnects_total', 'Reconnections after a lost link', () => node().link?.reconnects ?? 0);
+  gauge('volrep_peer_connected', '1 while connected to the secondary', () =>
+    node().link?.state === 'streaming' ? 1 : 0,
+  );
 }

@@ -1,18 +1,22 @@
 /**
  * The secondary daemon: opens and locks the replica, listens for the primary's replication
- * stream, applies it in order, and serves status over HTTP if asked.
+ * stream and hands each connection to the node (src/shell/secondary-node.ts), and serves status
+ * over HTTP if asked.
  */
+import net from 'node:net';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import { Counter, Gauge } from 'prom-client';
-import { Applier, type ReplicaState } from '../replication/applier.js';
-import { SecondaryLink } from '../replication/secondary.js';
+import { VolrepError } from '../errors.js';
+import type { NodeBlockFile } from '../io/block-file.js';
+import { systemClock } from '../io/clock.js';
+import { socketConnection } from '../io/net.js';
+import type { ConnectionEvents } from '../io/transport.js';
+import { SecondaryNode } from '../shell/secondary-node.js';
 import { formatHostPort, type HostPort } from '../util/address.js';
-import { VolrepError } from '../util/errors.js';
 import { requireLoopback } from '../util/loopback.js';
 import { FileDevice } from '../volume/file-device.js';
-import { SlotFile } from '../volume/slot-file.js';
-import { REPLICA_STATE_FILE, VolumeFile } from '../volume/volume.js';
+import { openMetadataFile, REPLICA_STATE_FILE, VolumeFile } from '../volume/volume.js';
 import { startHttp } from './http.js';
 import { listenError } from './listen-error.js';
 import { Metrics } from './metrics.js';
@@ -23,6 +27,8 @@ export interface SecondaryOptions {
   listen: HostPort;
   http?: HostPort;
   logger: Logger;
+  /** The replica failed (an I/O error): the daemon should stop and exit non-zero. */
+  onFailure?: (err: Error) => void;
 }
 
 export interface SecondaryStatus {
@@ -41,94 +47,110 @@ export interface RunningSecondary {
   close(): Promise<void>;
 }
 
-function validateState(v: unknown): ReplicaState | undefined {
-  if (typeof v !== 'object' || v === null) return undefined;
-  const s = v as Record<string, unknown>;
-  if (
-    typeof s.lastAppliedUpdate !== 'number' ||
-    !Number.isSafeInteger(s.lastAppliedUpdate) ||
-    s.lastAppliedUpdate < 0
-  ) {
-    return undefined;
-  }
-  if (typeof s.consistent !== 'boolean') return undefined;
-  return { lastAppliedUpdate: s.lastAppliedUpdate, consistent: s.consistent };
-}
-
 export async function startSecondary(opts: SecondaryOptions): Promise<RunningSecondary> {
   requireLoopback(opts.listen.host, '--listen');
   const volume = await VolumeFile.open(opts.volumePath, { metaDir: opts.metaDir });
-  if (volume.meta.role !== 'secondary') {
-    await volume.close();
-    throw new VolrepError(
-      'VOLREP_ERR_META',
-      `${opts.volumePath} was created as a primary; create the replica with 'volrep create --secondary-of <primary volume id>'`,
+  let stateFile: NodeBlockFile | undefined;
+  let node: SecondaryNode;
+  try {
+    if (volume.meta.role !== 'secondary') {
+      throw new VolrepError(
+        'VOLREP_ERR_META',
+        `${opts.volumePath} was created as a primary; create the replica with 'volrep create --secondary-of <primary volume id>'`,
+      );
+    }
+    stateFile = await openMetadataFile(
+      volume.metaDir,
+      REPLICA_STATE_FILE,
+      'the replica state says which updates are durable here and whether the replica is consistent',
     );
+    node = await SecondaryNode.open(
+      { replica: new FileDevice(volume.fd, volume.size), state: stateFile },
+      { volumeId: volume.meta.volumeId, size: volume.size, regionSize: volume.meta.regionSize },
+      { clock: systemClock, logger: opts.logger, onFailure: opts.onFailure },
+    ).catch((err: unknown) => {
+      if (err instanceof VolrepError)
+        throw new VolrepError(err.code, `${volume.metaDir}/${err.message}`, { cause: err });
+      throw err;
+    });
+  } catch (err) {
+    await stateFile?.close();
+    await volume.close();
+    throw err;
   }
-  const { slots, value } = await SlotFile.open(path.join(volume.metaDir, REPLICA_STATE_FILE), validateState);
-  // A replica that never received anything holds unknown bytes: not consistent until a full sync.
-  const initial = value ?? { lastAppliedUpdate: 0, consistent: false };
-  const device = new FileDevice(volume.fd, volume.size);
-  const applier = new Applier(device, slots, initial);
   const metrics = new Metrics();
   new Gauge({
     name: 'volrep_last_applied_update',
     help: 'Highest update id durable on the replica',
     registers: [metrics.registry],
     collect() {
-      this.set(applier.state.lastAppliedUpdate);
+      this.set(node.status().lastAppliedUpdate);
     },
   });
-  const acks = new Counter({
+  new Counter({
     name: 'volrep_acks_total',
     help: 'Acks sent to the primary',
     registers: [metrics.registry],
+    collect() {
+      this.reset();
+      this.inc(node.counters.acks);
+    },
   });
-  const link = new SecondaryLink({
-    meta: volume.meta,
-    applier,
-    logger: opts.logger,
-    onAckSent: () => acks.inc(),
+
+  const server = net.createServer({ noDelay: true }, (socket) => {
+    let events: ConnectionEvents | undefined;
+    const connection = socketConnection(socket, {
+      open: () => {},
+      data: (chunk) => events?.data(chunk),
+      close: (reason) => events?.close(reason),
+    });
+    events = node.accept(connection);
   });
+  const closeStorage = async () => {
+    await node.close();
+    await stateFile.close();
+    await volume.close();
+  };
   let listenAddress: string;
   try {
-    const bound = await link.listen(opts.listen.host, opts.listen.port);
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen({ host: opts.listen.host, port: opts.listen.port, exclusive: true }, () => {
+        server.off('error', reject);
+        server.on('error', (err) => opts.logger.error({ err }, 'replication listener error'));
+        resolve();
+      });
+    });
+    const bound = server.address() as net.AddressInfo;
     listenAddress = formatHostPort({ host: bound.address, port: bound.port });
   } catch (err) {
-    await slots.close();
-    await volume.close();
+    await closeStorage();
     throw listenError(err, 'replication', opts.listen);
   }
-  const status = (): SecondaryStatus => {
-    const state = applier.state;
-    return {
-      role: 'secondary',
-      volume: {
-        path: path.resolve(volume.path),
-        id: volume.meta.volumeId,
-        size: volume.size,
-        regionSize: volume.meta.regionSize,
-      },
-      listen: listenAddress,
-      peer: { address: link.peerAddress ?? null, state: link.peerState },
-      lastAppliedUpdate: state.lastAppliedUpdate,
-      consistent: state.consistent,
-    };
-  };
+  const status = (): SecondaryStatus => ({
+    role: 'secondary',
+    volume: {
+      path: path.resolve(volume.path),
+      id: volume.meta.volumeId,
+      size: volume.size,
+      regionSize: volume.meta.regionSize,
+    },
+    listen: listenAddress,
+    ...node.status(),
+  });
   let http: Awaited<ReturnType<typeof startHttp>> | undefined;
   if (opts.http) {
     try {
       http = await startHttp(opts.http.host, opts.http.port, status, metrics.registry, opts.logger);
     } catch (err) {
-      await link.close();
-      await slots.close();
-      await volume.close();
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+      await closeStorage();
       throw listenError(err, 'HTTP', opts.http);
     }
   }
   const httpAddress = http && formatHostPort({ host: http.address.address, port: http.address.port });
   opts.logger.info(
-    { volume: volume.path, listen: listenAddress, http: httpAddress, ...initial },
+    { volume: volume.path, listen: listenAddress, http: httpAddress, ...node.status() },
     'secondary serving',
   );
   let closing: Promise<void> | undefined;
@@ -138,10 +160,10 @@ export async function startSecondary(opts: SecondaryOptions): Promise<RunningSec
     status,
     close() {
       closing ??= (async () => {
-        await link.close();
+        const closed = new Promise<void>((resolve) => server.close(() => resolve()));
+        await closeStorage();
+        await closed;
         await http?.close();
-        await slots.close();
-        await volume.close();
         opts.logger.info('secondary stopped');
       })();
       return closing;

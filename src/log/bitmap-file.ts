@@ -14,9 +14,9 @@
  *                32 covered lsn  40 id limit  48 bitmap bytes  56 bitmap crc32c  60 header crc32c
  */
 import { crc32c } from '@node-rs/crc32';
-import { EngineError } from '../core/errors.js';
 import { IndicatorMap } from '../core/indicator-map.js';
-import type { BlockFile } from './block-file.js';
+import { VolrepError } from '../errors.js';
+import type { BlockFile } from '../io/block-file.js';
 
 export const BITMAP_MAGIC = 'VOLREPBM';
 export const BITMAP_FORMAT_VERSION = 1;
@@ -121,7 +121,7 @@ export class BitmapFile {
         bitmap: { seq: h.seq, coveredLsn: h.coveredLsn, idLimit: h.idLimit, bits },
       };
     }
-    throw new EngineError('VOLREP_ERR_BITMAP_CORRUPT', `bitmap file has no valid slot (${why.join(', ')})`);
+    throw new VolrepError('VOLREP_ERR_BITMAP_CORRUPT', `bitmap file has no valid slot (${why.join(', ')})`);
   }
 
   /** Writes the bitmap to the other slot and syncs it. */
@@ -133,7 +133,7 @@ export class BitmapFile {
   /** First half of persist (for simulations that crash in between): the slot, unsynced. */
   async writeSlot(bits: Uint8Array, coveredLsn: number, idLimit: number): Promise<void> {
     if (bits.length !== IndicatorMap.byteLength(this.regionCount)) {
-      throw new EngineError(
+      throw new VolrepError(
         'VOLREP_ERR_BITMAP_SIZE',
         `bitmap of ${bits.length} bytes for ${this.regionCount} regions`,
       );
@@ -172,7 +172,7 @@ export class BitmapFile {
 
 function checkSize(file: BlockFile, regionCount: number): void {
   if (file.size !== BitmapFile.fileBytes(regionCount)) {
-    throw new EngineError(
+    throw new VolrepError(
       'VOLREP_ERR_BITMAP_SIZE',
       `bitmap file has ${file.size} bytes, expected ${BitmapFile.fileBytes(regionCount)} for ${regionCount} regions`,
     );
@@ -187,7 +187,7 @@ function decodeSlotHeader(buf: Uint8Array): SlotHeader | string {
     return 'checksum';
   const version = view.getUint32(8, true);
   if (version > BITMAP_FORMAT_VERSION) {
-    throw new EngineError(
+    throw new VolrepError(
       'VOLREP_ERR_BITMAP_VERSION',
       `bitmap format version ${version} is newer than this volrep supports (${BITMAP_FORMAT_VERSION}): upgrade volrep`,
     );

@@ -20,7 +20,6 @@
  * never decrease, so such leftovers of an earlier boot end the scan instead.
  */
 import { crc32c } from '@node-rs/crc32';
-import { EngineError } from '../core/errors.js';
 import {
   type LogRecord,
   RECORD_COMPLETE_ENTRY_BYTES,
@@ -32,6 +31,7 @@ import {
   RecordType,
   recordBytes,
 } from '../core/records.js';
+import { VolrepError } from '../errors.js';
 
 export const LOG_MAGIC = 'VOLREPLG';
 export const LOG_FORMAT_VERSION = 1;
@@ -226,6 +226,6 @@ export function decodeRecord(buf: Uint8Array, lsn: number): LogRecord | undefine
   }
 }
 
-export function logCorrupt(message: string): EngineError {
-  return new EngineError('VOLREP_ERR_LOG_CORRUPT', message);
+export function logCorrupt(message: string): VolrepError {
+  return new VolrepError('VOLREP_ERR_LOG_CORRUPT', message);
 }

@@ -11,9 +11,9 @@
  * the header pointing at overwritten bytes and the scan would miss live records.
  */
 import assert from 'node:assert/strict';
-import { EngineError } from '../core/errors.js';
 import { type LogRecord, RECORD_HEADER_BYTES, recordBytes } from '../core/records.js';
-import type { BlockFile } from './block-file.js';
+import { VolrepError } from '../errors.js';
+import type { BlockFile } from '../io/block-file.js';
 import {
   decodeHeader,
   decodeRecord,
@@ -95,7 +95,7 @@ export class LogFile {
   static async format(file: BlockFile, idLimit = 1): Promise<void> {
     const capacity = file.size - LOG_DATA_OFFSET;
     if (capacity < LOG_CAPACITY_BYTES_MIN || capacity % 8 !== 0) {
-      throw new EngineError(
+      throw new VolrepError(
         'VOLREP_ERR_LOG_SIZE',
         `log file of ${file.size} bytes: needs ${LOG_DATA_OFFSET} header bytes plus a multiple of 8, at least ${LOG_CAPACITY_BYTES_MIN}`,
       );
@@ -122,14 +122,14 @@ export class LogFile {
    */
   static async open(file: BlockFile): Promise<{ log: LogFile; scan: LogScan }> {
     if (file.size < LOG_DATA_OFFSET) {
-      throw new EngineError(
+      throw new VolrepError(
         'VOLREP_ERR_LOG_SIZE',
         `log file has ${file.size} bytes, less than its ${LOG_DATA_OFFSET}-byte header: not a volrep log or truncated`,
       );
     }
     const header = await readHeader(file);
     if (header.capacity !== file.size - LOG_DATA_OFFSET) {
-      throw new EngineError(
+      throw new VolrepError(
         'VOLREP_ERR_LOG_SIZE',
         `log file has ${file.size} bytes but its header says ${LogFile.fileBytes(header.capacity)}: truncated or resized`,
       );
@@ -198,17 +198,21 @@ export class LogFile {
 
   /**
    * First half of a flush: writes the header if the tail moved (and syncs it), then every
-   * pending record in one write (two if it wraps). Not durable until syncBatch.
+   * record pending when it was called in one write (two if it wraps). Not durable until
+   * syncBatch. The records and the tail are taken at the call: a record appended while the
+   * header is being written may lie in space freed by a later tail move that this header does
+   * not carry, so it waits for the next batch (defect: it used to join this one and overrun).
    */
   async writeBatch(): Promise<LogBatch> {
     assert.ok(!this.writing, 'one batch at a time');
     this.writing = true;
     try {
-      if (this.pendingTail !== this.durableTail) await this.writeHeader();
       const start = this.written;
       const bytes = concat(this.pending, this.pendingBytes);
       this.pending = [];
       this.pendingBytes = 0;
+      const tail = this.pendingTail;
+      if (tail !== this.durableTail) await this.writeHeader(tail);
       assert.ok(start + bytes.length - this.durableTail <= this.capacity, 'batch overwrites live records');
       await this.writeRing(start, bytes);
       this.written = start + bytes.length;
@@ -226,9 +230,8 @@ export class LogFile {
   }
 
   /** Writes the header (tail, epoch, id limit) to the other slot and syncs it. */
-  private async writeHeader(): Promise<void> {
+  private async writeHeader(tail = this.pendingTail): Promise<void> {
     const seq = this.headerSeq + 1;
-    const tail = this.pendingTail;
     const header = encodeHeader({
       version: LOG_FORMAT_VERSION,
       epoch: this.epoch,
@@ -259,7 +262,7 @@ async function readHeader(file: BlockFile): Promise<LogHeader> {
   for (let slot = 0; slot < LOG_HEADER_SLOTS; slot++) {
     const d = decodeHeader(await file.read(slot * LOG_HEADER_SLOT_BYTES, LOG_HEADER_SLOT_BYTES));
     if (d.kind === 'newer') {
-      throw new EngineError(
+      throw new VolrepError(
         'VOLREP_ERR_LOG_VERSION',
         `log format version ${d.version} is newer than this volrep supports (${LOG_FORMAT_VERSION}): upgrade volrep`,
       );

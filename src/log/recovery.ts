@@ -5,10 +5,10 @@
  * the record area) plus one read of the bitmap, never with a scan of the volume.
  */
 import type { RecoveredState } from '../core/engine.js';
-import { EngineError } from '../core/errors.js';
 import { IndicatorMap } from '../core/indicator-map.js';
+import { VolrepError } from '../errors.js';
+import type { BlockFile } from '../io/block-file.js';
 import { BitmapFile } from './bitmap-file.js';
-import type { BlockFile } from './block-file.js';
 import { LogFile, type ScanEnd } from './log-file.js';
 
 export interface RecoveryReport {
@@ -52,7 +52,7 @@ export async function recover(
   for (const ranges of live.values()) {
     for (const [first, count] of ranges) {
       if (first + count > regionCount) {
-        throw new EngineError(
+        throw new VolrepError(
           'VOLREP_ERR_LOG_CORRUPT',
           `log record names regions ${first}..${first + count - 1} but the volume has ${regionCount}`,
         );

@@ -3,7 +3,7 @@
  * tests, so that both can talk to a server without external tools. Requests may be pipelined.
  */
 import net from 'node:net';
-import { ChunkQueue } from './chunks.js';
+import { ChunkQueue } from '../io/chunk-queue.js';
 import * as P from './protocol.js';
 
 interface Pending {

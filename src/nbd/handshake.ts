@@ -4,7 +4,7 @@
  * error reply (the client may carry on) or ends the negotiation with a reason (the connection is
  * closed); nothing here throws on bad input.
  */
-import type { ChunkQueue } from './chunks.js';
+import type { ChunkQueue } from '../io/chunk-queue.js';
 import * as P from './protocol.js';
 
 export interface ExportInfo {

@@ -5,7 +5,7 @@
  * NBD error to reply with, and the connection carries on; only a frame that cannot be delimited
  * (bad magic) is `fatal`.
  */
-import type { ChunkQueue } from './chunks.js';
+import type { ChunkQueue } from '../io/chunk-queue.js';
 import * as P from './protocol.js';
 
 export interface Request {

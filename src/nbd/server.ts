@@ -6,8 +6,8 @@
  */
 import net from 'node:net';
 import type { Logger } from 'pino';
-import { ChunkQueue } from './chunks.js';
-import type { BlockDevice } from './device.js';
+import type { BlockDevice } from '../io/block-device.js';
+import { ChunkQueue } from '../io/chunk-queue.js';
 import { type ExportInfo, Handshake, type NegotiatedSession } from './handshake.js';
 import * as P from './protocol.js';
 import { encodeBlockStatus, encodeReply, readReplyPrefixBytes, writeReadReplyPrefix } from './replies.js';

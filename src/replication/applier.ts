@@ -9,7 +9,7 @@
  * resync the replica is durably marked inconsistent before the first resync byte lands, and
  * consistent again only after the last one is durable.
  */
-import type { BlockDevice } from '../nbd/device.js';
+import type { BlockDevice } from '../io/block-device.js';
 import type { UpdateHeader } from './messages.js';
 
 export interface ReplicaState {
@@ -43,9 +43,11 @@ export class Applier {
   private syncWanted = false;
   private failure: Error | undefined;
   private idleWaiters: (() => void)[] = [];
-  /** Where acks go; swapped when a new primary connects. */
-  onAck: (id: number) => void = () => {};
+  /** Called each time the durable state changes (the shell acks it to the primary). */
+  onDurable: (state: ReplicaState) => void = () => {};
   onFailure: (err: Error) => void = () => {};
+  /** Called when the queue has drained below what was queued (the shell resumes reading). */
+  onProgress: () => void = () => {};
 
   constructor(
     private readonly device: BlockDevice,
@@ -64,6 +66,11 @@ export class Applier {
 
   get queuedBytes(): number {
     return this.queuedBytesCount;
+  }
+
+  /** Highest update id written to the replica, durable or not. */
+  get writtenId(): number {
+    return this.appliedId;
   }
 
   get failed(): Error | undefined {
@@ -134,6 +141,7 @@ export class Applier {
       if (err) return this.fail(err);
       this.appliedId = update.id;
       this.blocked = false;
+      this.onProgress();
       // Completed asynchronously: carry on from here. Synchronously: the pump loop carries on.
       if (returned) this.pump();
     };
@@ -192,12 +200,13 @@ export class Applier {
       this.fail(err as Error);
       return;
     }
-    // An ack also tells the primary when the consistency mark changed (the end of a resync).
+    // The ack carries the consistency mark too: the primary learns a resync's end from the
+    // state that made it durable, never from an earlier batch (defect: it used to guess).
     const changed =
       target.lastAppliedUpdate > this.durable.lastAppliedUpdate ||
       target.consistent !== this.durable.consistent;
     this.durable = target;
-    if (changed) this.onAck(target.lastAppliedUpdate);
+    if (changed) this.onDurable({ ...target });
   }
 
   private fail(err: Error): void {

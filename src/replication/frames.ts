@@ -9,13 +9,17 @@
  * The CRC covers the header with the crc field zeroed, then the payload.
  */
 import { crc32c } from '@node-rs/crc32';
-import type { ChunkQueue } from '../nbd/chunks.js';
+import { WRITE_BYTES_MAX } from '../core/engine.js';
+import type { ChunkQueue } from '../io/chunk-queue.js';
 
 export const FRAME_MAGIC = 0x5652504c; // 'VRPL'
-export const PROTOCOL_VERSION = 1;
+/** 2: acks carry the replica's durable consistency mark. */
+export const PROTOCOL_VERSION = 2;
 export const FRAME_HEADER_BYTES = 20;
-/** Largest payload: an update of the NBD maximum (32 MiB) plus its own header fields. */
-export const FRAME_PAYLOAD_BYTES_MAX = 32 * 1024 * 1024 + 64;
+/** Bytes an update frame needs beyond its data (its header fields, with room to spare). */
+export const FRAME_UPDATE_OVERHEAD_BYTES = 64;
+/** Largest payload: the engine's largest write (one update) plus its header fields. */
+export const FRAME_PAYLOAD_BYTES_MAX = WRITE_BYTES_MAX + FRAME_UPDATE_OVERHEAD_BYTES;
 
 export const FrameType = {
   hello: 1,

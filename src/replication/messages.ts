@@ -2,7 +2,8 @@
  * The replication messages carried in frames, with total decoders: a payload that does not have
  * exactly the expected shape is a protocol error with a reason, never an exception.
  */
-import { type FrameTypeName, payloadBytes, type RawFrame } from './frames.js';
+import assert from 'node:assert/strict';
+import { FRAME_UPDATE_OVERHEAD_BYTES, type FrameTypeName, payloadBytes, type RawFrame } from './frames.js';
 
 export type UpdateKind = 'data' | 'zero' | 'trim';
 const KIND_CODES: Record<UpdateKind, number> = { data: 0, zero: 1, trim: 2 };
@@ -28,6 +29,13 @@ export interface Welcome {
   consistent: boolean;
 }
 
+/** The replica's durable state, sent whenever it changes: every id ≤ `id` is durable there. */
+export interface Ack {
+  id: number;
+  /** The replica's durable consistency mark (false from a resync's begin until its end is durable). */
+  consistent: boolean;
+}
+
 export interface UpdateHeader {
   id: number;
   offset: number;
@@ -42,12 +50,15 @@ export type Message =
   | { type: 'refuse'; reason: string }
   | { type: 'update'; update: UpdateHeader; data: Buffer[] }
   | { type: 'barrier'; id: number }
-  | { type: 'ack'; id: number }
+  | { type: 'ack'; ack: Ack }
   | { type: 'keepAlive' }
   | { type: 'resyncBegin'; id: number }
   | { type: 'resyncEnd'; id: number };
 
 export const UPDATE_HEADER_BYTES = 21;
+assert.ok(UPDATE_HEADER_BYTES <= FRAME_UPDATE_OVERHEAD_BYTES);
+const ACK_BYTES = 9;
+const ACK_FLAG_CONSISTENT = 1;
 /** JSON handshake payloads are a few hundred bytes. */
 const JSON_PAYLOAD_BYTES_MAX = 4096;
 
@@ -63,6 +74,13 @@ export function encodeUpdateHeader(u: UpdateHeader): Buffer {
 export function encodeId(id: number): Buffer {
   const b = Buffer.alloc(8);
   writeU64(b, 0, id);
+  return b;
+}
+
+export function encodeAck(ack: Ack): Buffer {
+  const b = Buffer.alloc(ACK_BYTES);
+  writeU64(b, 0, ack.id);
+  b.writeUInt8(ack.consistent ? ACK_FLAG_CONSISTENT : 0, 8);
   return b;
 }
 
@@ -123,8 +141,16 @@ export function decodeMessage(frame: RawFrame): Message | { type: 'invalid'; rea
         data,
       };
     }
+    case 'ack': {
+      if (frame.payloadLength !== ACK_BYTES) return invalid(`expected ${ACK_BYTES} bytes`);
+      const b = payloadBytes(frame);
+      const id = readU64(b, 0);
+      const flags = b.readUInt8(8);
+      if (id === undefined) return invalid('id out of range');
+      if ((flags & ~ACK_FLAG_CONSISTENT) !== 0) return invalid(`unknown flags ${flags}`);
+      return { type: 'ack', ack: { id, consistent: (flags & ACK_FLAG_CONSISTENT) !== 0 } };
+    }
     case 'barrier':
-    case 'ack':
     case 'resyncBegin':
     case 'resyncEnd': {
       if (frame.payloadLength !== 8) return invalid('expected an 8-byte id');

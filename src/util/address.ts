@@ -1,5 +1,5 @@
 import { isIP } from 'node:net';
-import { VolrepError } from './errors.js';
+import { VolrepError } from '../errors.js';
 
 export interface HostPort {
   host: string;

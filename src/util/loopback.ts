@@ -1,5 +1,5 @@
 import { isIP } from 'node:net';
-import { VolrepError } from './errors.js';
+import { VolrepError } from '../errors.js';
 
 /** True for 127.0.0.0/8, ::1 and localhost. */
 export function isLoopback(host: string): boolean {

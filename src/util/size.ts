@@ -1,4 +1,4 @@
-import { VolrepError } from './errors.js';
+import { VolrepError } from '../errors.js';
 
 const UNITS: Record<string, number> = {
   '': 1,

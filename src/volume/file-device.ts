@@ -1,5 +1,5 @@
 import fs from 'node:fs';
-import type { BlockDevice, Done } from '../nbd/device.js';
+import type { BlockDevice, Done } from '../io/block-device.js';
 
 /**
  * Requests up to this size run synchronously on the event loop: a positioned read or write of a

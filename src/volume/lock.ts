@@ -1,6 +1,6 @@
 import { promises as fsp, readFileSync } from 'node:fs';
 import path from 'node:path';
-import { errnoCode, VolrepError } from '../util/errors.js';
+import { errnoCode, VolrepError } from '../errors.js';
 
 export const LOCK_FILE = 'lock';
 

@@ -1,7 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
 import path from 'node:path';
-import { errnoCode, VolrepError } from '../util/errors.js';
+import { errnoCode, VolrepError } from '../errors.js';
 import { isPowerOfTwo } from '../util/size.js';
 
 /** The meta.json format this build writes and understands. */

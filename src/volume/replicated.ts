@@ -4,19 +4,22 @@
  * the engine: its regions are marked and logged durably before the data reaches the volume (I2),
  * and stay dirty until the secondary acks them — or forever, while there is no secondary.
  */
-import { WRITE_BYTES_MAX, type WriteKind } from '../core/engine.js';
+import { type TransactionOptions, WRITE_BYTES_MAX, type WriteKind } from '../core/engine.js';
+import { VolrepError } from '../errors.js';
+import type { BlockDevice, Done } from '../io/block-device.js';
+import type { NodeBlockFile } from '../io/block-file.js';
+import { systemClock } from '../io/clock.js';
+import type { RecoveryReport } from '../log/recovery.js';
 import {
-  type Chunks,
-  type DriverWrite,
-  ReplicationDriver,
-  type UpdateSink,
-  type VolumeIo,
-} from '../log/driver.js';
-import type { BlockDevice, Done } from '../nbd/device.js';
-import { VolrepError } from '../util/errors.js';
+  type NodeLogger,
+  type NodeWrite,
+  type PrimaryLinkConfig,
+  PrimaryNode,
+  type PrimaryNodeStatus,
+} from '../shell/primary-node.js';
 import { FileDevice } from './file-device.js';
 import type { Meta } from './meta.js';
-import { VolumeFile } from './volume.js';
+import { BITMAP_FILE, LOG_FILE, openMetadataFile, PAIR_STATE_FILE, VolumeFile } from './volume.js';
 
 /** Regions kept covered by their log record after their writes (DRBD's activity log). */
 export const DEFAULT_ACTIVITY_WINDOW_BYTES = 1024 ** 3;
@@ -30,8 +33,13 @@ export interface VolumeOptions {
   activityWindowBytes?: number;
   inflightBytesMax?: number;
   ackTimeoutMs?: number;
-  /** Where updates go; without one the volume runs standalone and every write stays dirty. */
-  sink?: UpdateSink;
+  /** Complete a write only once the secondary acked it (while connected). */
+  syncMode?: boolean;
+  /** Replicate to this secondary; without it the volume runs standalone and every write stays dirty. */
+  link?: Omit<PrimaryLinkConfig, 'hello'>;
+  logger?: NodeLogger;
+  /** The engine stopped after an I/O failure. */
+  onFailure?: (err: Error) => void;
 }
 
 export interface VolumeStatus {
@@ -42,12 +50,7 @@ export interface VolumeStatus {
   log: { usedBytes: number; capacityBytes: number; activeTransactions: number };
 }
 
-/** Does nothing: no secondary. The engine is never connected, so it sends nothing here. */
-const STANDALONE: UpdateSink = {
-  send() {},
-  sendBarrier() {},
-  disconnect() {},
-};
+const SILENT: NodeLogger = { debug() {}, info() {}, warn() {}, error() {} };
 
 export class Volume {
   /** The BlockDevice view, for the NBD server. */
@@ -55,15 +58,21 @@ export class Volume {
 
   private constructor(
     readonly file: VolumeFile,
-    readonly driver: ReplicationDriver,
+    readonly node: PrimaryNode,
     private readonly raw: FileDevice,
+    private readonly metaFiles: NodeBlockFile[],
   ) {
     this.device = new EngineDevice(this, raw);
   }
 
-  /** Opens and locks the volume, recovers its metadata (bitmap + log), and starts the engine. */
+  /**
+   * Opens and locks the volume, recovers its metadata (bitmap + log), and starts the engine.
+   * Every metadata file must be there and readable: a missing one is refused, never read as
+   * "nothing dirty" (H18).
+   */
   static async open(volumePath: string, opts: VolumeOptions = {}): Promise<Volume> {
     const file = await VolumeFile.open(volumePath, { metaDir: opts.metaDir });
+    const metaFiles: NodeBlockFile[] = [];
     try {
       if (file.meta.role !== 'primary') {
         // Writing a replica behind its primary's back would diverge it silently.
@@ -72,24 +81,52 @@ export class Volume {
           `${volumePath} is a replica (created with --secondary-of); serve it with --read-only to inspect it`,
         );
       }
+      const log = await openMetadataFile(
+        file.metaDir,
+        LOG_FILE,
+        'the transaction log says which regions were being written',
+      );
+      metaFiles.push(log);
+      const bitmap = await openMetadataFile(
+        file.metaDir,
+        BITMAP_FILE,
+        'the bitmap says which regions may differ from the replica',
+      );
+      metaFiles.push(bitmap);
+      const pairState = await openMetadataFile(
+        file.metaDir,
+        PAIR_STATE_FILE,
+        'the pair state says whether a replica was ever in sync',
+      );
+      metaFiles.push(pairState);
       const raw = new FileDevice(file.fd, file.size);
       const { meta } = file;
       const windowBytes = opts.activityWindowBytes ?? DEFAULT_ACTIVITY_WINDOW_BYTES;
-      const driver = await ReplicationDriver.open(
-        file.metaDir,
-        {
-          volumeSize: meta.size,
-          regionSize: meta.regionSize,
-          logFileBytes: meta.logSize,
-          activityWindowRegions: Math.max(1, Math.floor(windowBytes / meta.regionSize)),
-          inflightBytesMax: opts.inflightBytesMax ?? DEFAULT_INFLIGHT_BYTES,
-          ackTimeoutMs: opts.ackTimeoutMs ?? DEFAULT_ACK_TIMEOUT_MS,
-        },
-        volumeIo(raw),
-        opts.sink ?? STANDALONE,
+      const node = await withFileName(file.metaDir, () =>
+        PrimaryNode.open(
+          { log, bitmap, pairState, volume: raw },
+          {
+            volumeSize: meta.size,
+            regionSize: meta.regionSize,
+            activityWindowRegions: Math.max(1, Math.floor(windowBytes / meta.regionSize)),
+            inflightBytesMax: opts.inflightBytesMax ?? DEFAULT_INFLIGHT_BYTES,
+            ackTimeoutMs: opts.ackTimeoutMs ?? DEFAULT_ACK_TIMEOUT_MS,
+            syncMode: opts.syncMode ?? false,
+          },
+          {
+            clock: systemClock,
+            logger: opts.logger ?? SILENT,
+            link: opts.link && {
+              ...opts.link,
+              hello: { volumeId: meta.volumeId, size: meta.size, regionSize: meta.regionSize },
+            },
+            onFailure: opts.onFailure,
+          },
+        ),
       );
-      return new Volume(file, driver, raw);
+      return new Volume(file, node, raw, metaFiles);
     } catch (err) {
+      for (const f of metaFiles) await f.close();
       await file.close();
       throw err;
     }
@@ -105,6 +142,11 @@ export class Volume {
 
   get path(): string {
     return this.file.path;
+  }
+
+  /** What crash recovery found when the volume was opened. */
+  get recovery(): RecoveryReport {
+    return this.node.recovery;
   }
 
   /** A group of writes that the engine tracks as one transaction. */
@@ -123,39 +165,23 @@ export class Volume {
 
   /** Makes every completed write durable, and is a barrier on the replication stream. */
   flush(): Promise<void> {
-    return new Promise((resolve, reject) => this.device.flush((err) => (err ? reject(err) : resolve())));
+    return new Promise((resolve, reject) => this.node.flush((err) => (err ? reject(err) : resolve())));
   }
 
-  status(): VolumeStatus {
-    const s = this.driver.engine.stats();
-    return {
-      dirtyRegions: s.dirtyRegions,
-      dirtyBytes: s.dirtyRegions * this.meta.regionSize,
-      pendingUpdates: s.pendingUpdates,
-      pendingBytes: s.inflightBytes,
-      log: {
-        usedBytes: s.logHeadLsn - s.logFreedLsn,
-        capacityBytes: this.driver.logCapacity,
-        activeTransactions: s.activeTransactions,
-      },
-    };
+  status(): VolumeStatus & PrimaryNodeStatus {
+    const s = this.node.status();
+    return { ...s, dirtyBytes: s.dirtyRegions * this.meta.regionSize };
   }
 
   /** Dirty regions as [first, last] runs, in order. */
   dirtyRanges(): [number, number][] {
-    const runs: [number, number][] = [];
-    for (const r of this.driver.engine.indicator.iterate()) {
-      const last = runs[runs.length - 1];
-      if (last && last[1] === r - 1) last[1] = r;
-      else runs.push([r, r]);
-    }
-    return runs;
+    return this.node.dirtyRanges();
   }
 
-  /** Persists the bitmap, flushes the volume, and releases it. */
+  /** Flushes the volume, persists the bitmap, and releases it. */
   async close(): Promise<void> {
-    await this.flush().catch(() => {});
-    await this.driver.close();
+    await this.node.close();
+    for (const f of this.metaFiles) await f.close();
     await this.file.close();
   }
 
@@ -173,62 +199,83 @@ export class Volume {
   }
 }
 
-/** Writes collected in order and committed as one engine transaction. */
+/**
+ * Writes collected in order and committed as one engine transaction. A write larger than
+ * WRITE_BYTES_MAX (one update on the stream) becomes several writes of the same transaction.
+ */
 export class Transaction {
-  private readonly writes: DriverWrite[] = [];
+  private readonly writes: NodeWrite[] = [];
   private committed = false;
 
   constructor(private readonly volume: Volume) {}
 
   write(offset: number, data: Uint8Array): this {
-    return this.add(offset, data.length, 'data', data);
+    this.checkOpen(offset, data.length);
+    for (let at = 0; at < data.length; at += WRITE_BYTES_MAX) {
+      const piece = data.subarray(at, Math.min(data.length, at + WRITE_BYTES_MAX));
+      this.writes.push({ offset: offset + at, kind: 'data', length: piece.length, data: [piece] });
+    }
+    return this;
   }
 
   /** @internal A write whose bytes are `chunks` in order (at most WRITE_BYTES_MAX in all). */
-  writeChunks(offset: number, chunks: Chunks, length: number): this {
-    if (this.committed) throw new VolrepError('VOLREP_ERR_USAGE', 'transaction already committed');
-    this.volume.checkRange(offset, length);
-    if (length > WRITE_BYTES_MAX) throw new VolrepError('VOLREP_ERR_USAGE', 'write too large for one piece');
-    if (length > 0) this.writes.push({ offset, kind: 'data', data: chunks });
+  writeChunks(offset: number, chunks: readonly Uint8Array[], length: number): this {
+    this.checkOpen(offset, length);
+    if (length > WRITE_BYTES_MAX) {
+      throw new VolrepError(
+        'VOLREP_ERR_USAGE',
+        `a write of ${length} bytes is over ${WRITE_BYTES_MAX} for one piece`,
+      );
+    }
+    if (length > 0) this.writes.push({ offset, kind: 'data', length, data: chunks });
     return this;
   }
 
   zero(offset: number, length: number): this {
-    return this.add(offset, length, 'zero');
+    return this.addEmpty(offset, length, 'zero');
   }
 
   trim(offset: number, length: number): this {
-    return this.add(offset, length, 'trim');
+    return this.addEmpty(offset, length, 'trim');
   }
 
-  /** Resolves when every write is on the volume (not yet durable: call flush() for that). */
-  commit(): Promise<void> {
-    if (this.committed)
-      return Promise.reject(new VolrepError('VOLREP_ERR_USAGE', 'transaction already committed'));
+  /**
+   * Resolves when every write is on the volume (not yet durable: call flush() for that, or
+   * pass `fua`, which also makes it a barrier on the stream).
+   */
+  commit(options: TransactionOptions = {}): Promise<void> {
+    return new Promise((resolve, reject) =>
+      this.commitWith(options, (err) => (err ? reject(err) : resolve())),
+    );
+  }
+
+  /** @internal commit() with a callback (the NBD path: no promise hop). */
+  commitWith(options: TransactionOptions, done: Done): void {
+    if (this.committed) return done(new VolrepError('VOLREP_ERR_USAGE', 'transaction already committed'));
     this.committed = true;
-    if (this.writes.length === 0) return Promise.resolve();
-    return this.volume.driver.write(this.writes);
+    if (this.writes.length === 0) return done(null);
+    try {
+      this.volume.node.submit(this.writes, options, done);
+    } catch (err) {
+      done(err as Error);
+    }
   }
 
-  private add(offset: number, length: number, kind: WriteKind, data?: Uint8Array): this {
-    if (this.committed) throw new VolrepError('VOLREP_ERR_USAGE', 'transaction already committed');
-    this.volume.checkRange(offset, length);
-    if (length === 0) return this;
-    if (kind === 'data') {
-      for (let at = 0; at < length; at += WRITE_BYTES_MAX) {
-        const piece = data!.subarray(at, Math.min(length, at + WRITE_BYTES_MAX));
-        this.writes.push({ offset: offset + at, kind, data: piece });
-      }
-    } else {
-      for (let at = 0; at < length; at += WRITE_BYTES_MAX) {
-        this.writes.push({ offset: offset + at, kind, length: Math.min(WRITE_BYTES_MAX, length - at) });
-      }
+  private addEmpty(offset: number, length: number, kind: WriteKind): this {
+    this.checkOpen(offset, length);
+    for (let at = 0; at < length; at += WRITE_BYTES_MAX) {
+      this.writes.push({ offset: offset + at, kind, length: Math.min(WRITE_BYTES_MAX, length - at) });
     }
     return this;
   }
+
+  private checkOpen(offset: number, length: number): void {
+    if (this.committed) throw new VolrepError('VOLREP_ERR_USAGE', 'transaction already committed');
+    this.volume.checkRange(offset, length);
+  }
 }
 
-/** The NBD server's view: writes go through the engine, reads straight to the file. */
+/** The NBD server's view: writes go through the engine (FUA and FLUSH too), reads straight to the file. */
 class EngineDevice implements BlockDevice {
   readonly readOnly = false;
   readonly size: number;
@@ -246,54 +293,40 @@ class EngineDevice implements BlockDevice {
 
   write(offset: number, data: Buffer[], length: number, fua: boolean, done: Done): void {
     // The payload stays as the socket chunks it arrived in, through the volume write and the send.
-    this.run(this.volume.transaction().writeChunks(offset, data, length), fua, done);
+    this.run(() => this.volume.transaction().writeChunks(offset, data, length), fua, done);
   }
 
   writeZeroes(offset: number, length: number, fua: boolean, done: Done): void {
-    this.run(this.volume.transaction().zero(offset, length), fua, done);
+    this.run(() => this.volume.transaction().zero(offset, length), fua, done);
   }
 
   trim(offset: number, length: number, fua: boolean, done: Done): void {
-    this.run(this.volume.transaction().trim(offset, length), fua, done);
+    this.run(() => this.volume.transaction().trim(offset, length), fua, done);
   }
 
   flush(done: Done): void {
-    this.volume.driver.barrier();
-    this.raw.flush(done);
+    this.volume.node.flush(done);
   }
 
-  private run(tx: Transaction, fua: boolean, done: Done): void {
-    tx.commit().then(
-      () => (fua ? this.raw.flush(done) : done(null)),
-      (err: unknown) => done(err instanceof Error ? err : new Error(String(err))),
-    );
+  private run(build: () => Transaction, fua: boolean, done: Done): void {
+    let tx: Transaction;
+    try {
+      tx = build();
+    } catch (err) {
+      return done(err as Error);
+    }
+    tx.commitWith({ fua }, done);
   }
 }
 
-/** The engine's view of the volume: positioned I/O through FileDevice (small requests synchronous). */
-function volumeIo(raw: FileDevice): VolumeIo {
-  return {
-    write(offset, length, kind, data) {
-      return new Promise((resolve, reject) => {
-        const done: Done = (err) => (err ? reject(err) : resolve());
-        if (kind === 'data') {
-          const views = data!.map((c) =>
-            Buffer.isBuffer(c) ? c : Buffer.from(c.buffer, c.byteOffset, c.byteLength),
-          );
-          raw.write(offset, views, length, false, done);
-        } else {
-          raw.writeZeroes(offset, length, false, done);
-        }
-      });
-    },
-    read(offset, length) {
-      const buf = Buffer.allocUnsafe(length);
-      return new Promise((resolve, reject) =>
-        raw.read(offset, length, buf, 0, (err) => (err ? reject(err) : resolve(buf))),
-      );
-    },
-    sync() {
-      return new Promise((resolve, reject) => raw.flush((err) => (err ? reject(err) : resolve())));
-    },
-  };
+/** Errors of the metadata formats name no directory: add it. */
+async function withFileName<T>(metaDir: string, open: () => Promise<T>): Promise<T> {
+  try {
+    return await open();
+  } catch (err) {
+    if (err instanceof VolrepError && /^VOLREP_ERR_(LOG_|BITMAP_|META)/.test(err.code)) {
+      throw new VolrepError(err.code, `${metaDir}: ${err.message}`, { cause: err });
+    }
+    throw err;
+  }
 }

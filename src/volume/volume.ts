@@ -1,9 +1,12 @@
 import { constants as fsc, promises as fsp } from 'node:fs';
 import path from 'node:path';
+import { errnoCode, VolrepError } from '../errors.js';
+import { NodeBlockFile } from '../io/block-file.js';
+import { SLOT_FILE_BYTES, SlotFile } from '../io/slot-file.js';
 import { BitmapFile } from '../log/bitmap-file.js';
-import { NodeBlockFile } from '../log/block-file.js';
 import { LogFile } from '../log/log-file.js';
-import { errnoCode, VolrepError } from '../util/errors.js';
+import { INITIAL_PAIR_STATE } from '../shell/primary-node.js';
+import { INITIAL_REPLICA_STATE } from '../shell/secondary-node.js';
 import { formatSize, isPowerOfTwo } from '../util/size.js';
 import { VolumeLock } from './lock.js';
 import {
@@ -152,8 +155,13 @@ async function writeMetadata(
 ): Promise<Meta> {
   const meta = newMeta({ size: opts.size, regionSize, logSize, role: opts.role, volumeId: opts.volumeId });
   // The log and bitmap get their full size now, formatted (empty log, all-clean bitmap), so a
-  // running daemon never runs out of space for them. meta.json goes last: it marks a complete set.
+  // running daemon never runs out of space for them; the role's state file gets its first
+  // record (a file missing later is refused, never read as "clean"). meta.json goes last: it
+  // marks a complete set.
   await formatMetadataFiles(metaDir, opts.size, regionSize, logSize);
+  if (meta.role === 'primary') await formatSlotFile(path.join(metaDir, PAIR_STATE_FILE), INITIAL_PAIR_STATE);
+  else await formatSlotFile(path.join(metaDir, REPLICA_STATE_FILE), INITIAL_REPLICA_STATE);
+  await syncDirectory(metaDir);
   await writeMeta(metaDir, meta);
   return meta;
 }
@@ -181,6 +189,34 @@ async function formatMetadataFiles(
     await bitmap.close();
   }
   await syncDirectory(metaDir);
+}
+
+async function formatSlotFile(file: string, value: unknown): Promise<void> {
+  const f = await NodeBlockFile.create(file, SLOT_FILE_BYTES);
+  try {
+    await SlotFile.format(f, value);
+  } finally {
+    await f.close();
+  }
+}
+
+/**
+ * Opens a metadata file that must exist. A missing one is refused with what it held and what
+ * to do: volrep never reads "no file" as "nothing dirty" or "nothing applied" (H18).
+ */
+export async function openMetadataFile(metaDir: string, name: string, what: string): Promise<NodeBlockFile> {
+  const file = path.join(metaDir, name);
+  try {
+    return await NodeBlockFile.open(file);
+  } catch (err) {
+    if (errnoCode(err) === 'ENOENT') {
+      throw new VolrepError(
+        'VOLREP_ERR_META_MISSING',
+        `${file} is missing (${what}); volrep will not guess its content. Restore it, or re-create this side with 'volrep create --force' and let it sync in full`,
+      );
+    }
+    throw new VolrepError('VOLREP_ERR_META', `${file}: ${(err as Error).message}`);
+  }
 }
 
 /** An open, locked volume: the file handle for data and the metadata that describes it. */

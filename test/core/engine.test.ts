@@ -339,7 +339,7 @@ describe('Engine', () => {
     s.auto.volume = false;
     s.engine.handleConnected(0, 0);
     s.write(w(0));
-    s.engine.submitBarrier(0);
+    s.engine.submitFlush(0);
     s.run();
     assert.equal(s.count('sendBarrier'), 0);
     s.engine.handleVolumeWritten(1, 0);

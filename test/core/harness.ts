@@ -164,7 +164,7 @@ export class World {
   }
 
   barrier(): boolean {
-    this.engine.submitBarrier(this.now);
+    this.engine.submitFlush(this.now);
     this.drain();
     return true;
   }

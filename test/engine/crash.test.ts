@@ -22,10 +22,10 @@ import assert from 'node:assert/strict';
 import { randomInt } from 'node:crypto';
 import { closeSync, openSync, readSync } from 'node:fs';
 import { after, before, describe, it } from 'node:test';
-import { Prng } from '../../src/log/prng.js';
 import { NbdClient } from '../../src/nbd/client.js';
 import { createVolumeCli, httpRequest, metricValue, type RunResult, run } from '../helpers/clients.js';
 import { type Daemon, needTool, startPrimary, tempDir } from '../helpers/daemon.js';
+import { Prng } from '../sim/prng.js';
 
 const K = 1024;
 const M = 1024 * K;

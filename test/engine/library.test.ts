@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
-import { VolrepError } from '../../src/util/errors.js';
+import { VolrepError } from '../../src/errors.js';
 import { Volume } from '../../src/volume/replicated.js';
 import { createVolume } from '../../src/volume/volume.js';
 import { assertUsageError, volrepAsync } from '../helpers/clients.js';
@@ -210,7 +210,7 @@ describe('library Volume API (in-process)', () => {
     vol = await Volume.open(volumePath);
     assert.deepEqual(vol.dirtyRanges(), dirty);
     // The bitmap was persisted at close: recovery found it all in the bitmap.
-    assert.equal(vol.driver.recovery.bitmapDirty, expand(dirty).length);
+    assert.equal(vol.recovery.bitmapDirty, expand(dirty).length);
     assert.equal(vol.status().dirtyRegions, expand(dirty).length);
     assert.deepEqual(await vol.read(2 * REGION + 4 * K, 8 * K), filled(8 * K, 0xa1));
     assert.deepEqual(await vol.read(SIZE - 1, 1), filled(1, 0xee));
@@ -307,7 +307,7 @@ describe('library Volume API: the volume lock', () => {
     assert.fail(
       'a second Volume.open of an open volume (same process) succeeded; ' +
         `dirty before close ${JSON.stringify(before)}, after reopen ${JSON.stringify(afterReopen)}, ` +
-        `recovery ${JSON.stringify(again.driver.recovery)}`,
+        `recovery ${JSON.stringify(again.recovery)}`,
     );
   });
 });

@@ -6,12 +6,12 @@ import { after, describe, it } from 'node:test';
 import { IndicatorMap } from '../../src/core/indicator-map.js';
 import type { LogRecord } from '../../src/core/records.js';
 import { recordBytes } from '../../src/core/records.js';
+import { NodeBlockFile } from '../../src/io/block-file.js';
 import { BITMAP_FORMAT_VERSION, BitmapFile } from '../../src/log/bitmap-file.js';
-import { NodeBlockFile } from '../../src/log/block-file.js';
 import { LogFile } from '../../src/log/log-file.js';
-import { Prng } from '../../src/log/prng.js';
 import { recover } from '../../src/log/recovery.js';
-import { SimDisk } from '../../src/log/sim-disk.js';
+import { Prng } from '../sim/prng.js';
+import { SimDisk } from '../sim/sim-disk.js';
 
 function bits(regionCount: number, set: number[]): Uint8Array {
   const m = new IndicatorMap(regionCount);

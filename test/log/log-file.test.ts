@@ -6,7 +6,7 @@ import { after, describe, it } from 'node:test';
 import fc from 'fast-check';
 import type { LogRecord } from '../../src/core/records.js';
 import { recordBytes } from '../../src/core/records.js';
-import { NodeBlockFile } from '../../src/log/block-file.js';
+import { NodeBlockFile } from '../../src/io/block-file.js';
 import {
   decodeRecord,
   encodeHeader,
@@ -16,8 +16,8 @@ import {
   LOG_HEADER_SLOT_BYTES,
 } from '../../src/log/format.js';
 import { LogFile } from '../../src/log/log-file.js';
-import { Prng } from '../../src/log/prng.js';
-import { SimDisk } from '../../src/log/sim-disk.js';
+import { Prng } from '../sim/prng.js';
+import { SimDisk } from '../sim/sim-disk.js';
 
 const seed = process.env.VOLREP_SEED ? Number(process.env.VOLREP_SEED) : undefined;
 

@@ -17,9 +17,9 @@ import { type Action, Engine, type EngineConfig } from '../../src/core/engine.js
 import { IndicatorMap } from '../../src/core/indicator-map.js';
 import { BitmapFile } from '../../src/log/bitmap-file.js';
 import { type LogBatch, LogFile } from '../../src/log/log-file.js';
-import { Prng } from '../../src/log/prng.js';
 import { recover } from '../../src/log/recovery.js';
-import { SimDisk } from '../../src/log/sim-disk.js';
+import { Prng } from '../sim/prng.js';
+import { SimDisk } from '../sim/sim-disk.js';
 
 const STEPS = 400;
 const SEEDS = process.env.VOLREP_SIM_SEEDS ? Number(process.env.VOLREP_SIM_SEEDS) : 40;

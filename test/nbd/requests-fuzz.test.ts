@@ -8,7 +8,7 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import fc from 'fast-check';
-import { ChunkQueue } from '../../src/nbd/chunks.js';
+import { ChunkQueue } from '../../src/io/chunk-queue.js';
 import * as P from '../../src/nbd/protocol.js';
 import {
   type ExportLimits,

@@ -7,8 +7,8 @@
  */
 import assert from 'node:assert/strict';
 import { after, describe, it } from 'node:test';
-import { Prng } from '../../src/log/prng.js';
 import { waitFor } from '../helpers/clients.js';
+import { Prng } from '../sim/prng.js';
 import { Pair, rounds, testSeed, Writer } from './pair.js';
 
 const SIZE = 16 * 1024 * 1024;

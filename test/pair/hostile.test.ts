@@ -13,11 +13,12 @@ import { randomUUID } from 'node:crypto';
 import net from 'node:net';
 import { after, before, describe, it } from 'node:test';
 import fc from 'fast-check';
-import { ChunkQueue } from '../../src/nbd/chunks.js';
+import { ChunkQueue } from '../../src/io/chunk-queue.js';
 import { NbdClient } from '../../src/nbd/client.js';
 import { encodeFrame, FRAME_HEADER_BYTES, FrameDecoder, FrameType } from '../../src/replication/frames.js';
 import {
   decodeMessage,
+  encodeAck,
   encodeId,
   encodeJson,
   encodeUpdateHeader,
@@ -229,7 +230,7 @@ describe('hostile peers on the replication link', { timeout: 180_000 }, () => {
     it('a correct hello, then invalid updates or unexpected frames with correct checksums', async () => {
       const unexpected = fc.oneof(
         fc.constant(helloFrame(volumeId)),
-        fc.constant(Buffer.concat(encodeFrame('ack', [encodeId(1)]))),
+        fc.constant(Buffer.concat(encodeFrame('ack', [encodeAck({ id: 1, consistent: true })]))),
         fc.constant(Buffer.concat(encodeFrame('keepAlive', [Buffer.from([1])]))),
         fc.constant(Buffer.concat(encodeFrame('barrier', [Buffer.alloc(7)]))),
         fc.constant(Buffer.concat(encodeFrame('welcome', [encodeJson({ role: 'secondary' })]))),
@@ -411,7 +412,7 @@ describe('hostile peers on the replication link', { timeout: 180_000 }, () => {
       await client.close();
       const u = await c.expect((m) => m.type === 'update' && m.update.offset === 3 * REGION, 'the update');
       assert.ok(u.type === 'update');
-      c.send('ack', [encodeId(u.update.id + 1000)]);
+      c.send('ack', [encodeAck({ id: u.update.id + 1000, consistent: true })]);
       assert.ok(await c.closedWithin(5000), 'the primary must drop a link that acks ids never sent');
       assert.match(primary.stderr(), /bad ack/);
       const dirty = (await getJson(primary.http!, '/dirty')) as { ranges: [number, number][] };
@@ -432,7 +433,7 @@ describe('hostile peers on the replication link', { timeout: 180_000 }, () => {
     it('garbage instead of a welcome: no crash', async () => {
       for (const reply of [
         Buffer.from('HTTP/1.1 400 Bad Request\r\n\r\n'),
-        Buffer.concat(encodeFrame('ack', [encodeId(5)])),
+        Buffer.concat(encodeFrame('ack', [encodeAck({ id: 5, consistent: true })])),
         Buffer.concat(encodeFrame('welcome', [Buffer.from('{"role":"secondary"')])),
         Buffer.alloc(FRAME_HEADER_BYTES, 0xff),
       ]) {
@@ -448,7 +449,9 @@ describe('hostile peers on the replication link', { timeout: 180_000 }, () => {
     });
 
     it('random frames and bytes after a welcome never crash the primary', async () => {
-      const arbAck = fc.nat({ max: 2 ** 45 }).map((id) => Buffer.concat(encodeFrame('ack', [encodeId(id)])));
+      const arbAck = fc
+        .tuple(fc.nat({ max: 2 ** 45 }), fc.boolean())
+        .map(([id, consistent]) => Buffer.concat(encodeFrame('ack', [encodeAck({ id, consistent })])));
       await fc.assert(
         fc.asyncProperty(
           fc.array(

@@ -7,8 +7,8 @@
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { after, describe, it } from 'node:test';
-import { Prng } from '../../src/log/prng.js';
 import { NbdClient } from '../../src/nbd/client.js';
+import { Prng } from '../sim/prng.js';
 import { getJson, Pair, prngBytes, REGION } from './pair.js';
 
 const MiB = 1024 * 1024;

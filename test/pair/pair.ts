@@ -6,7 +6,6 @@
 import assert from 'node:assert/strict';
 import { closeSync, openSync, readFileSync, readSync } from 'node:fs';
 import path from 'node:path';
-import type { Prng } from '../../src/log/prng.js';
 import { NbdClient } from '../../src/nbd/client.js';
 import { createVolumeCli, httpRequest, metricValue, sha256File, waitFor } from '../helpers/clients.js';
 import {
@@ -17,6 +16,7 @@ import {
   tempDir,
 } from '../helpers/daemon.js';
 import { FaultProxy } from '../helpers/fault-proxy.js';
+import type { Prng } from '../sim/prng.js';
 
 export const REGION = 64 * 1024;
 

@@ -5,8 +5,8 @@
  */
 import assert from 'node:assert/strict';
 import { after, describe, it } from 'node:test';
-import { Prng } from '../../src/log/prng.js';
 import { NbdClient } from '../../src/nbd/client.js';
+import { Prng } from '../sim/prng.js';
 import { Pair, prngBytes, REGION, testSeed } from './pair.js';
 
 const SIZE = 32 * 1024 * 1024;

@@ -5,9 +5,9 @@
  */
 import assert from 'node:assert/strict';
 import { after, describe, it } from 'node:test';
-import { Prng } from '../../src/log/prng.js';
 import { NbdClient } from '../../src/nbd/client.js';
 import { readRange } from '../helpers/clients.js';
+import { Prng } from '../sim/prng.js';
 import { Pair, prngBytes, rounds, testSeed } from './pair.js';
 
 const SIZE = 16 * 1024 * 1024;

@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import fc from 'fast-check';
-import { ChunkQueue } from '../../src/nbd/chunks.js';
+import { ChunkQueue } from '../../src/io/chunk-queue.js';
 import {
   encodeFrame,
   FRAME_HEADER_BYTES,

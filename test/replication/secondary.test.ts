@@ -6,7 +6,7 @@ import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import pino from 'pino';
 import { type RunningSecondary, startSecondary } from '../../src/daemon/secondary.js';
-import { ChunkQueue } from '../../src/nbd/chunks.js';
+import { ChunkQueue } from '../../src/io/chunk-queue.js';
 import { encodeFrame, FrameDecoder } from '../../src/replication/frames.js';
 import {
   decodeMessage,
@@ -148,7 +148,7 @@ describe('secondary', () => {
     let acked = 0;
     while (acked < 3) {
       const m = await p.expect((x) => x.type === 'ack', 'ack');
-      if (m.type === 'ack') acked = m.id;
+      if (m.type === 'ack') acked = m.ack.id;
     }
     assert.equal(acked, 3);
     const file = readFileSync(volumePath);
@@ -171,7 +171,7 @@ describe('secondary', () => {
     p.send('resyncBegin', [encodeId(3)]);
     p.update(4, 0, randomBytes(REGION));
     // Wait until update 4 is durable; the replica must be inconsistent now.
-    await p.expect((m) => m.type === 'ack' && m.id === 4, 'ack 4');
+    await p.expect((m) => m.type === 'ack' && m.ack.id === 4, 'ack 4');
     assert.equal(secondary.status().consistent, false);
     p.send('resyncEnd', [encodeId(4)]);
     const deadline = Date.now() + 5000;

@@ -4,7 +4,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import fc from 'fast-check';
-import { EXIT_USAGE, VolrepError } from '../../src/util/errors.js';
+import { EXIT_USAGE, VolrepError } from '../../src/errors.js';
 import {
   META_FILE,
   META_FORMAT_VERSION,
@@ -16,7 +16,7 @@ import {
   writeMeta,
 } from '../../src/volume/meta.js';
 import * as volumeModule from '../../src/volume/volume.js';
-import { BITMAP_FILE, createVolume, LOG_FILE } from '../../src/volume/volume.js';
+import { BITMAP_FILE, createVolume, LOG_FILE, PAIR_STATE_FILE } from '../../src/volume/volume.js';
 
 interface OpenVolume {
   size: number;
@@ -121,7 +121,10 @@ describe('meta.json', () => {
     assert.equal(fs.statSync(path.join(metaDir, LOG_FILE)).size, 128 * 1024);
     assert.ok(fs.statSync(path.join(metaDir, BITMAP_FILE)).size > 0);
     // Nothing else in the metadata directory: no temp files left behind.
-    assert.deepEqual(fs.readdirSync(metaDir).sort(), [BITMAP_FILE, LOG_FILE, META_FILE].sort());
+    assert.deepEqual(
+      fs.readdirSync(metaDir).sort(),
+      [BITMAP_FILE, LOG_FILE, META_FILE, PAIR_STATE_FILE].sort(),
+    );
 
     const volume = await Volume.open(volumePath);
     try {
@@ -130,7 +133,10 @@ describe('meta.json', () => {
     } finally {
       await volume.close();
     }
-    assert.deepEqual(fs.readdirSync(metaDir).sort(), [BITMAP_FILE, LOG_FILE, META_FILE].sort());
+    assert.deepEqual(
+      fs.readdirSync(metaDir).sort(),
+      [BITMAP_FILE, LOG_FILE, META_FILE, PAIR_STATE_FILE].sort(),
+    );
   });
 
   it('round-trips through writeMeta/readMeta for any valid metadata', async () => {

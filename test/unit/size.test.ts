@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import fc from 'fast-check';
-import { VolrepError } from '../../src/util/errors.js';
+import { VolrepError } from '../../src/errors.js';
 import { formatSize, parseDuration, parseSize } from '../../src/util/size.js';
 
 describe('parseSize', () => {

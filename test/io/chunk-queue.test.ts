@@ -1,8 +1,8 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import fc from 'fast-check';
-import { ChunkQueue } from '../../src/nbd/chunks.js';
-import { fcParams } from './wire.js';
+import { ChunkQueue } from '../../src/io/chunk-queue.js';
+import { fcParams } from '../nbd/wire.js';
 
 type Op =
   | { kind: 'push'; bytes: Uint8Array }

@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import type { BlockFile } from './block-file.js';
+import type { BlockFile } from '../../src/io/block-file.js';
 import type { Prng } from './prng.js';
 
 /** How an unsynced write ends up after a power loss (FoundationDB's AsyncFileNonDurable). */

@@ -1,0 +1,46 @@
+/** The transport over node:net: TCP connections to and from the peer. */
+import net from 'node:net';
+import type { Connection, ConnectionEvents, Dialer } from './transport.js';
+
+/** Wraps a socket; `events` get its data and its close (with the last error seen as the reason). */
+export function socketConnection(socket: net.Socket, events: ConnectionEvents): Connection {
+  let reason = 'connection closed';
+  socket.on('connect', () => events.open());
+  socket.on('data', (chunk: Buffer) => events.data(chunk));
+  socket.on('error', (err) => {
+    reason = err.message;
+  });
+  socket.on('close', () => events.close(reason));
+  return {
+    get remote() {
+      return `${socket.remoteAddress}:${socket.remotePort}`;
+    },
+    write(buffers) {
+      if (socket.destroyed) return;
+      socket.cork();
+      for (const b of buffers) socket.write(b);
+      socket.uncork();
+    },
+    close(why) {
+      reason = why;
+      socket.destroy();
+    },
+    end(why) {
+      reason = why;
+      socket.end();
+      // A peer that never reads our last word must not keep the socket open.
+      setTimeout(() => socket.destroy(), 1000).unref();
+    },
+    pause: () => socket.pause(),
+    resume: () => socket.resume(),
+  };
+}
+
+export function tcpDialer(host: string, port: number): Dialer {
+  return {
+    peer: `${host}:${port}`,
+    dial(events) {
+      return socketConnection(net.connect({ host, port, noDelay: true }), events);
+    },
+  };
+}

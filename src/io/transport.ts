@@ -1,0 +1,33 @@
+/**
+ * A byte-stream connection as the replication shells see it: ordered bytes in and out, a close
+ * that says why. node:net implements it (net.ts); the simulator implements it over a simulated
+ * network that can delay, cut and blackhole.
+ */
+export interface Connection {
+  /** Peer address, for logs and status. */
+  readonly remote: string;
+  /** Queues bytes to send, in order (never blocks; the caller bounds what it queues). */
+  write(buffers: readonly Buffer[]): void;
+  /** Ends the connection at once, dropping what is not sent yet; `close` follows on its events. */
+  close(reason: string): void;
+  /** Sends what is queued, then closes (a last word, like a refusal). */
+  end(reason: string): void;
+  /** Stops delivering `data` until `resume` (backpressure). */
+  pause(): void;
+  resume(): void;
+}
+
+/** What a connection reports to its owner. */
+export interface ConnectionEvents {
+  /** An outgoing connection is established (never called for an accepted one). */
+  open(): void;
+  data(chunk: Buffer): void;
+  /** The connection is gone (or never came up); called once. */
+  close(reason: string): void;
+}
+
+/** Opens outgoing connections to one peer. */
+export interface Dialer {
+  readonly peer: string;
+  dial(events: ConnectionEvents): Connection;
+}

@@ -1,0 +1,450 @@
+/**
+ * The primary's end of the replication link, sans-I/O: bytes and time in, frames and commands
+ * out. It connects (and reconnects with capped exponential backoff), says hello, checks the
+ * welcome, decides whether the replica needs a full sync, then carries the engine's ordered
+ * stream out and the replica's durable state (acks) back.
+ *
+ * Dev notes. The shell feeds `handleOpen/Data/Close/Timeout` and the engine's stream
+ * (`sendUpdate`, `sendBarrier`, `sendResyncBegin`, `handleAllDirtyDurable`, `drop`), then drains
+ * `pollAction()` and `takeOutbox()` (frames to write, in order, in one write). The states and
+ * their moves are the table PRIMARY_TRANSITIONS; anything else is a named error. The engine is
+ * told about the link only through actions (`engineConnected`, `engineAck`, ...), so the order
+ * of everything that reaches it is the order of this machine's actions.
+ */
+import { VolrepError } from '../errors.js';
+import { ChunkQueue } from '../io/chunk-queue.js';
+import { encodeFrame, FrameDecoder } from './frames.js';
+import {
+  type Ack,
+  decodeMessage,
+  encodeId,
+  encodeJson,
+  encodeUpdateHeader,
+  type Message,
+  UPDATE_FLAG_RESYNC,
+  type UpdateHeader,
+  type Welcome,
+} from './messages.js';
+
+export const RECONNECT_DELAY_MS_MIN = 100;
+export const RECONNECT_DELAY_MS_MAX = 5_000;
+/** While connected, a keep-alive goes out this often (the secondary answers each). */
+export const KEEP_ALIVE_INTERVAL_MS = 1_000;
+/** Default for how long the secondary may be silent before the link counts as dead. */
+export const PEER_SILENCE_MS_MAX = 5_000;
+/** Covers the TCP connect and the hello/welcome exchange: a secondary that never answers is dropped. */
+export const CONNECT_TIMEOUT_MS = 5_000;
+
+export type PrimaryLinkState =
+  | 'idle'
+  | 'connecting'
+  | 'greeting'
+  | 'marking'
+  | 'streaming'
+  | 'closing'
+  | 'backoff'
+  | 'stopped';
+
+type PrimaryLinkEvent =
+  | 'start'
+  | 'open'
+  | 'welcome'
+  | 'welcomeFullSync'
+  | 'refused'
+  | 'marked'
+  | 'fail'
+  | 'closed'
+  | 'retry'
+  | 'stop';
+
+/**
+ * Every move of the link. `fail` is this side dropping the connection (timeout, protocol error,
+ * the engine's ack timeout); `closed` is the connection gone. `marking`: a replica without any
+ * history gets a full sync, and everything is marked dirty durably before anything is sent.
+ */
+const PRIMARY_TRANSITIONS: {
+  readonly [S in PrimaryLinkState]: { readonly [E in PrimaryLinkEvent]?: PrimaryLinkState };
+} = {
+  idle: { start: 'connecting', stop: 'stopped' },
+  connecting: { open: 'greeting', fail: 'closing', closed: 'backoff', stop: 'stopped' },
+  greeting: {
+    welcome: 'streaming',
+    welcomeFullSync: 'marking',
+    refused: 'closing',
+    fail: 'closing',
+    closed: 'backoff',
+    stop: 'stopped',
+  },
+  marking: { marked: 'streaming', fail: 'closing', closed: 'backoff', stop: 'stopped' },
+  streaming: { fail: 'closing', closed: 'backoff', stop: 'stopped' },
+  closing: { closed: 'backoff', stop: 'stopped' },
+  backoff: { retry: 'connecting', stop: 'stopped' },
+  stopped: { closed: 'stopped', stop: 'stopped' },
+};
+
+export type LogLevel = 'debug' | 'info' | 'warn' | 'error';
+
+export type PrimarySessionAction =
+  /** Open a connection to the secondary; report it with handleOpen / handleData / handleClose. */
+  | { type: 'dial' }
+  /** Close the current connection (handleClose follows). */
+  | { type: 'close'; reason: string }
+  /** The engine: the secondary is connected and holds everything ≤ lastApplied durably. */
+  | { type: 'engineConnected'; lastApplied: number; replicaConsistent: boolean }
+  | { type: 'engineAck'; id: number }
+  | { type: 'engineDisconnected' }
+  /** The engine: mark every region dirty (durably) for a full sync; handleAllDirtyDurable follows. */
+  | { type: 'markAllDirty' }
+  /** Record durably that a replica of this primary has been consistent (for --assume-clean). */
+  | { type: 'persistPairState'; state: PairState }
+  | { type: 'log'; level: LogLevel; msg: string; fields?: Record<string, unknown> };
+
+/** What the primary keeps about the pair across restarts (the pair-state file). */
+export interface PairState {
+  /** A replica of this primary has been consistent at least once. */
+  replicaEverSynced: boolean;
+}
+
+export interface PrimarySessionOptions {
+  hello: { volumeId: string; size: number; regionSize: number };
+  /** Both volumes are known identical at the pair's birth: no initial full sync. */
+  assumeClean: boolean;
+  pairState: PairState;
+  /** No frame at all from the secondary for this long means the link is dead. */
+  silenceMsMax?: number;
+}
+
+export interface PrimarySessionStatus {
+  state: PrimaryLinkState;
+  /** The replica's durable consistency mark, as last reported; false while not connected. */
+  replicaConsistent: boolean;
+  lastAckedUpdate: number;
+  /** Connections that reached the welcome (a new one starts a new "epoch" of the stream). */
+  connections: number;
+  reconnects: number;
+}
+
+export class PrimarySession {
+  private linkState: PrimaryLinkState = 'idle';
+  private readonly actions: PrimarySessionAction[] = [];
+  private outbox: Buffer[] = [];
+  private queue = new ChunkQueue();
+  private decoder = new FrameDecoder();
+  private delayMs = RECONNECT_DELAY_MS_MIN;
+  private retryAtMs = Number.POSITIVE_INFINITY;
+  private connectDeadlineMs = Number.POSITIVE_INFINITY;
+  private keepAliveAtMs = Number.POSITIVE_INFINITY;
+  private lastHeardMs = 0;
+  private engineConnected = false;
+  private welcome: Welcome | undefined;
+  private replicaConsistent = false;
+  private lastAcked = 0;
+  private connections = 0;
+  private reconnects = 0;
+  private pairState: PairState;
+  private readonly silenceMsMax: number;
+
+  constructor(private readonly opts: PrimarySessionOptions) {
+    this.pairState = { ...opts.pairState };
+    this.silenceMsMax = opts.silenceMsMax ?? PEER_SILENCE_MS_MAX;
+  }
+
+  get state(): PrimaryLinkState {
+    return this.linkState;
+  }
+
+  status(): PrimarySessionStatus {
+    return {
+      state: this.linkState,
+      replicaConsistent: this.replicaConsistent,
+      lastAckedUpdate: this.lastAcked,
+      connections: this.connections,
+      reconnects: this.reconnects,
+    };
+  }
+
+  pollAction(): PrimarySessionAction | undefined {
+    return this.actions.shift();
+  }
+
+  /** Frames to write on the current connection, in order; empties the outbox. */
+  takeOutbox(): Buffer[] {
+    const out = this.outbox;
+    this.outbox = [];
+    return out;
+  }
+
+  /** When handleTimeout is next due (Infinity: never). */
+  nextDeadline(): number {
+    switch (this.linkState) {
+      case 'connecting':
+      case 'greeting':
+        return this.connectDeadlineMs;
+      case 'marking':
+      case 'streaming':
+        return Math.min(this.keepAliveAtMs, this.lastHeardMs + this.silenceMsMax);
+      case 'backoff':
+        return this.retryAtMs;
+      default:
+        return Number.POSITIVE_INFINITY;
+    }
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // Events from the shell
+
+  start(now: number): void {
+    this.move('start');
+    this.dial(now);
+  }
+
+  stop(): void {
+    const wasConnected = this.connectionUp();
+    this.move('stop');
+    if (this.engineConnected) this.disconnectEngine();
+    if (wasConnected) this.emit({ type: 'close', reason: 'stopping' });
+  }
+
+  handleOpen(now: number): void {
+    if (this.linkState !== 'connecting') return; // a connection we already gave up on
+    this.move('open');
+    this.lastHeardMs = now;
+    this.send('hello', [encodeJson({ ...this.opts.hello, role: 'primary' })]);
+  }
+
+  handleData(chunk: Buffer, now: number): void {
+    if (!this.reading()) return;
+    this.lastHeardMs = now;
+    this.queue.push(chunk);
+    for (;;) {
+      const result = this.decoder.next(this.queue);
+      if (result === undefined) return;
+      if (result.kind === 'error') return this.fail(`bad frame from the secondary: ${result.reason}`);
+      const message = decodeMessage(result.frame);
+      if (message.type === 'invalid') return this.fail(`bad message from the secondary: ${message.reason}`);
+      this.handleMessage(message);
+      if (!this.reading()) return;
+    }
+  }
+
+  handleClose(reason: string, now: number): void {
+    if (this.linkState === 'stopped' || this.linkState === 'backoff' || this.linkState === 'idle') return;
+    const wasStreaming = this.welcome !== undefined;
+    this.move('closed');
+    if (this.engineConnected) this.disconnectEngine();
+    this.replicaConsistent = false;
+    this.welcome = undefined;
+    if (wasStreaming) {
+      this.reconnects += 1;
+      this.log('warn', 'replication link down', { reason });
+    } else {
+      this.log('debug', 'could not connect to the secondary', { reason });
+    }
+    this.retryAtMs = now + this.delayMs;
+    this.delayMs = Math.min(this.delayMs * 2, RECONNECT_DELAY_MS_MAX);
+  }
+
+  handleTimeout(now: number): void {
+    switch (this.linkState) {
+      case 'connecting':
+      case 'greeting':
+        if (now >= this.connectDeadlineMs) this.fail('no welcome from the secondary in time');
+        return;
+      case 'marking':
+      case 'streaming':
+        if (now - this.lastHeardMs >= this.silenceMsMax) return this.fail('secondary silent for too long');
+        if (now >= this.keepAliveAtMs) {
+          this.send('keepAlive');
+          this.keepAliveAtMs = now + KEEP_ALIVE_INTERVAL_MS;
+        }
+        return;
+      case 'backoff':
+        if (now >= this.retryAtMs) {
+          this.move('retry');
+          this.dial(now);
+        }
+        return;
+    }
+  }
+
+  /** The engine's marks for a full sync are durable: start the stream. */
+  handleAllDirtyDurable(): void {
+    if (this.linkState !== 'marking') return; // the connection went away meanwhile
+    this.move('marked');
+    this.connectEngine(this.welcome!.lastAppliedUpdate, false);
+  }
+
+  /** This side drops the connection (the engine's ack timeout, or it refused the welcome). */
+  drop(reason: string): void {
+    if (this.reading()) this.fail(reason);
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // The engine's stream (ignored unless the engine is connected: it is told when it is not)
+
+  sendUpdate(update: UpdateHeader, data: readonly Buffer[]): void {
+    if (!this.engineConnected) return;
+    const flags = update.resync ? UPDATE_FLAG_RESYNC : 0;
+    this.send('update', [encodeUpdateHeader(update), ...data], flags);
+  }
+
+  sendBarrier(kind: 'flush' | 'resyncEnd', afterUpdateId: number): void {
+    if (!this.engineConnected) return;
+    if (kind === 'resyncEnd')
+      this.log('info', 'resync sent: the replica is consistent once this is durable', { afterUpdateId });
+    this.send(kind === 'resyncEnd' ? 'resyncEnd' : 'barrier', [encodeId(afterUpdateId)]);
+  }
+
+  sendResyncBegin(): void {
+    if (!this.engineConnected) return;
+    this.replicaConsistent = false; // it will be, as soon as it reads this
+    this.send('resyncBegin', [encodeId(this.lastAcked)]);
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // Internals
+
+  private handleMessage(message: Message): void {
+    if (this.linkState === 'greeting') {
+      if (message.type === 'refuse') {
+        this.log('error', 'the secondary refused this primary', { reason: message.reason });
+        this.move('refused');
+        this.emit({ type: 'close', reason: `refused by the secondary: ${message.reason}` });
+        return;
+      }
+      if (message.type !== 'welcome') return this.fail(`expected welcome, got ${message.type}`);
+      return this.handleWelcome(message.welcome);
+    }
+    switch (message.type) {
+      case 'ack':
+        return this.handleAck(message.ack);
+      case 'keepAlive':
+        return;
+      default:
+        return this.fail(`unexpected ${message.type} from the secondary`);
+    }
+  }
+
+  private handleWelcome(welcome: Welcome): void {
+    const { hello } = this.opts;
+    if (
+      welcome.volumeId !== hello.volumeId ||
+      welcome.size !== hello.size ||
+      welcome.regionSize !== hello.regionSize
+    ) {
+      return this.fail(
+        `the secondary welcomed another volume (${welcome.volumeId}, ${welcome.size} bytes, regions of ${welcome.regionSize})`,
+      );
+    }
+    this.welcome = welcome;
+    this.connections += 1;
+    this.keepAliveAtMs = this.lastHeardMs + KEEP_ALIVE_INTERVAL_MS;
+    this.delayMs = RECONNECT_DELAY_MS_MIN;
+    this.replicaConsistent = welcome.consistent;
+    this.lastAcked = welcome.lastAppliedUpdate;
+    this.log('info', 'connected to the secondary', {
+      lastAppliedUpdate: welcome.lastAppliedUpdate,
+      consistent: welcome.consistent,
+    });
+    // A replica that never received anything holds unknown bytes. --assume-clean speaks of the
+    // pair's birth only: once a replica of this primary has been consistent, a replica without
+    // history (say, one re-created) gets a full sync.
+    const virgin = welcome.lastAppliedUpdate === 0 && !welcome.consistent;
+    const assumeClean = this.opts.assumeClean && !this.pairState.replicaEverSynced;
+    if (virgin && this.opts.assumeClean && !assumeClean) {
+      this.log(
+        'warn',
+        'ignoring --assume-clean: this primary has replicated before, and this replica has no history',
+      );
+    }
+    if (virgin && !assumeClean) {
+      this.log('info', 'the replica has never been synchronised: full initial sync');
+      this.move('welcomeFullSync');
+      this.emit({ type: 'markAllDirty' });
+      return;
+    }
+    this.move('welcome');
+    this.connectEngine(welcome.lastAppliedUpdate, welcome.consistent);
+  }
+
+  private handleAck(ack: Ack): void {
+    if (!this.engineConnected) {
+      // Before the stream starts (marking) the secondary has nothing new to ack.
+      if (ack.id > this.lastAcked) this.fail(`ack for ${ack.id} before anything was sent`);
+      return;
+    }
+    if (ack.id < this.lastAcked) return this.fail(`ack for ${ack.id} after ack for ${this.lastAcked}`);
+    this.lastAcked = ack.id;
+    this.replicaConsistent = ack.consistent;
+    this.emit({ type: 'engineAck', id: ack.id });
+    if (ack.consistent && !this.pairState.replicaEverSynced) {
+      this.pairState = { replicaEverSynced: true };
+      this.emit({ type: 'persistPairState', state: { ...this.pairState } });
+    }
+  }
+
+  private connectEngine(lastApplied: number, replicaConsistent: boolean): void {
+    this.engineConnected = true;
+    this.emit({ type: 'engineConnected', lastApplied, replicaConsistent });
+  }
+
+  private disconnectEngine(): void {
+    this.engineConnected = false;
+    this.emit({ type: 'engineDisconnected' });
+  }
+
+  private dial(now: number): void {
+    this.queue = new ChunkQueue();
+    this.decoder = new FrameDecoder();
+    this.outbox = [];
+    this.connectDeadlineMs = now + CONNECT_TIMEOUT_MS;
+    this.emit({ type: 'dial' });
+  }
+
+  /** This side gives up on the connection: the engine loses it now, the transport closes next. */
+  private fail(reason: string): void {
+    this.log('warn', 'dropping the replication link', { reason });
+    this.move('fail');
+    if (this.engineConnected) this.disconnectEngine();
+    this.replicaConsistent = false;
+    this.emit({ type: 'close', reason });
+  }
+
+  /** A connection is up and this side still takes what it sends. */
+  private reading(): boolean {
+    return this.connectionUp() && this.linkState !== 'closing';
+  }
+
+  private connectionUp(): boolean {
+    return (
+      this.linkState === 'connecting' ||
+      this.linkState === 'greeting' ||
+      this.linkState === 'marking' ||
+      this.linkState === 'streaming' ||
+      this.linkState === 'closing'
+    );
+  }
+
+  private send(type: Parameters<typeof encodeFrame>[0], payload: Buffer[] = [], flags = 0): void {
+    for (const b of encodeFrame(type, payload, flags)) this.outbox.push(b);
+  }
+
+  private move(event: PrimaryLinkEvent): void {
+    const next = PRIMARY_TRANSITIONS[this.linkState][event];
+    if (next === undefined) {
+      throw new VolrepError(
+        'VOLREP_ERR_STATE',
+        `replication link: '${event}' is not allowed in state '${this.linkState}'`,
+      );
+    }
+    this.linkState = next;
+  }
+
+  private emit(action: PrimarySessionAction): void {
+    this.actions.push(action);
+  }
+
+  private log(level: LogLevel, msg: string, fields?: Record<string, unknown>): void {
+    this.emit({ type: 'log', level, msg, fields });
+  }
+}

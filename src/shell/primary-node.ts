@@ -1,0 +1,547 @@
+/**
+ * The primary node: the engine core and, with a peer, the replication session, run over the
+ * storage, transport and clock it is given. The daemon gives it node:fs files, TCP and the
+ * system clock; the simulator gives it simulated ones. This is the only place that performs
+ * their actions, so the real primary and the simulated one are the same code.
+ *
+ * Dev notes. Every input (a client request, an I/O completion, connection bytes, the timer)
+ * goes into the engine or the session synchronously, then `pump()` performs the actions of both
+ * until neither has any: engine actions that concern the link go to the session, session
+ * commands to the engine go back. I/O completes later (or synchronously: small page-cache
+ * writes do) and comes back as the next input. A failed log, bitmap or volume operation is
+ * fatal: the durable state can no longer be trusted, so every pending request fails and the
+ * node stops (the owner is told through `onFailure`).
+ */
+import type { Action, EngineConfig, TransactionOptions, WriteKind, WriteRequest } from '../core/engine.js';
+import { Engine } from '../core/engine.js';
+import { VolrepError } from '../errors.js';
+import type { BlockDevice, Done } from '../io/block-device.js';
+import type { BlockFile } from '../io/block-file.js';
+import type { Clock, Timer } from '../io/clock.js';
+import { SlotFile } from '../io/slot-file.js';
+import type { Connection, Dialer } from '../io/transport.js';
+import type { BitmapFile } from '../log/bitmap-file.js';
+import type { LogFile } from '../log/log-file.js';
+import { type RecoveryReport, recover } from '../log/recovery.js';
+import {
+  type PairState,
+  PrimarySession,
+  type PrimarySessionAction,
+  type PrimarySessionStatus,
+} from '../replication/primary-session.js';
+
+/** The files and the volume of a primary. */
+export interface PrimaryStorage {
+  log: BlockFile;
+  bitmap: BlockFile;
+  /** The pair's history (a slot file): whether a replica was ever consistent. */
+  pairState: BlockFile;
+  volume: BlockDevice;
+}
+
+export type PrimaryNodeConfig = Omit<EngineConfig, 'logCapacity'>;
+
+export interface PrimaryLinkConfig {
+  dialer: Dialer;
+  hello: { volumeId: string; size: number; regionSize: number };
+  /** Both volumes are known identical at the pair's birth: no initial full sync. */
+  assumeClean: boolean;
+}
+
+/** The part of a pino logger the node uses. */
+export interface NodeLogger {
+  debug(obj: object, msg: string): void;
+  info(obj: object, msg: string): void;
+  warn(obj: object, msg: string): void;
+  error(obj: object, msg: string): void;
+}
+
+export interface PrimaryNodeOptions {
+  clock: Clock;
+  logger: NodeLogger;
+  /** Replicate to a secondary; without it the node runs standalone and every write stays dirty. */
+  link?: PrimaryLinkConfig;
+  /** The node stopped after an I/O failure (called once). */
+  onFailure?: (err: Error) => void;
+}
+
+/** One write of a transaction: `data` for 'data' (its pieces, never joined), `length` otherwise. */
+export interface NodeWrite {
+  offset: number;
+  kind: WriteKind;
+  length: number;
+  data?: readonly Uint8Array[];
+}
+
+/** Tallies of durable-state work and traffic, for metrics. */
+export interface PrimaryCounters {
+  logRecords: number;
+  logSyncs: number;
+  bitmapPersists: number;
+  volumeSyncs: number;
+  replicatedBytes: number;
+  resyncBytes: number;
+  acks: number;
+}
+
+export interface PrimaryNodeStatus {
+  dirtyRegions: number;
+  pendingUpdates: number;
+  pendingBytes: number;
+  log: { usedBytes: number; capacityBytes: number; activeTransactions: number };
+  /** The last resync: regions dirty when it began, and resync bytes sent since. */
+  resync: { active: boolean; startedAtMs: number; totalBytes: number; doneBytes: number };
+  link?: PrimarySessionStatus;
+}
+
+interface PendingTx {
+  data: Array<readonly Uint8Array[] | null>;
+  done: Done;
+}
+
+export class PrimaryNode {
+  readonly counters: PrimaryCounters = {
+    logRecords: 0,
+    logSyncs: 0,
+    bitmapPersists: 0,
+    volumeSyncs: 0,
+    replicatedBytes: 0,
+    resyncBytes: 0,
+    acks: 0,
+  };
+  private readonly txs = new Map<number, PendingTx>();
+  private readonly flushes = new Map<number, Done>();
+  /** Update bytes by id, from the volume write (or resync read) until send or drop. */
+  private readonly buffers = new Map<number, readonly Uint8Array[] | null>();
+  private readonly session: PrimarySession | undefined;
+  private connection: Connection | undefined;
+  private timer: Timer | undefined;
+  private timerAtMs = Number.POSITIVE_INFINITY;
+  private pumping = false;
+  private ioCount = 0;
+  private idleWaiters: Array<() => void> = [];
+  private pairStateWrite: Promise<void> = Promise.resolve();
+  private failure: Error | null = null;
+  private closed = false;
+  private resyncStart = { atMs: 0, regions: 0, resyncBytes: 0 };
+
+  private constructor(
+    readonly engine: Engine,
+    private readonly log: LogFile,
+    private readonly bitmap: BitmapFile,
+    private readonly pairState: SlotFile<PairState>,
+    pair: PairState,
+    private readonly storage: PrimaryStorage,
+    private readonly opts: PrimaryNodeOptions,
+    readonly recovery: RecoveryReport,
+  ) {
+    if (opts.link) {
+      this.session = new PrimarySession({
+        hello: opts.link.hello,
+        assumeClean: opts.link.assumeClean,
+        pairState: pair,
+        silenceMsMax: engine.config.ackTimeoutMs,
+      });
+    }
+  }
+
+  /**
+   * Recovers the engine's state from the log and bitmap (a missing or unreadable one is refused
+   * by the caller or here: never "clean", H18), then starts the engine and, with a link, the
+   * session. The engine's first act is a volume sync (H17).
+   */
+  static async open(
+    storage: PrimaryStorage,
+    config: PrimaryNodeConfig,
+    opts: PrimaryNodeOptions,
+  ): Promise<PrimaryNode> {
+    const regionCount = Math.ceil(config.volumeSize / config.regionSize);
+    const r = await recover(storage.log, storage.bitmap, regionCount);
+    const { slots, value } = await SlotFile.open(storage.pairState, 'pair-state', validatePairState);
+    const engine = new Engine({ ...config, logCapacity: r.log.capacity }, r.state);
+    const node = new PrimaryNode(engine, r.log, r.bitmap, slots, value, storage, opts, r.report);
+    node.session?.start(opts.clock.now());
+    node.pump();
+    return node;
+  }
+
+  get failed(): Error | null {
+    return this.failure;
+  }
+
+  /** Bytes of the log's record area. */
+  get logCapacity(): number {
+    return this.log.capacity;
+  }
+
+  /**
+   * One transaction: `done` once every write is on the volume (durable with `fua`, and acked
+   * by the secondary in sync mode while connected). Throws VOLREP_ERR_REQUEST for a write the
+   * engine cannot take (out of range, too large), before anything happens.
+   */
+  submit(writes: readonly NodeWrite[], options: TransactionOptions, done: Done): void {
+    if (this.failure !== null) return done(this.failure);
+    if (this.closed) return done(new VolrepError('VOLREP_ERR_STATE', 'the volume is closed'));
+    const requests: WriteRequest[] = writes.map((w) => ({
+      offset: w.offset,
+      length: w.length,
+      kind: w.kind,
+    }));
+    const txId = this.engine.submitTransaction(requests, this.opts.clock.now(), options);
+    this.txs.set(txId, { data: writes.map((w) => (w.kind === 'data' ? (w.data ?? []) : null)), done });
+    this.pump();
+  }
+
+  /** A FLUSH: `done` once every write completed before it is durable on the volume (a barrier on the stream too). */
+  flush(done: Done): void {
+    if (this.failure !== null) return done(this.failure);
+    const flushId = this.engine.submitFlush(this.opts.clock.now());
+    this.flushes.set(flushId, done);
+    this.pump();
+  }
+
+  status(): PrimaryNodeStatus {
+    const s = this.engine.stats();
+    const link = this.session?.status();
+    return {
+      dirtyRegions: s.dirtyRegions,
+      pendingUpdates: s.pendingUpdates,
+      pendingBytes: s.inflightBytes,
+      log: {
+        usedBytes: s.logHeadLsn - s.logFreedLsn,
+        capacityBytes: this.log.capacity,
+        activeTransactions: s.activeTransactions,
+      },
+      resync: {
+        active: link !== undefined && link.state === 'streaming' && !link.replicaConsistent,
+        startedAtMs: this.resyncStart.atMs,
+        totalBytes: this.resyncStart.regions * this.engine.config.regionSize,
+        doneBytes: this.counters.resyncBytes - this.resyncStart.resyncBytes,
+      },
+      link,
+    };
+  }
+
+  /** Dirty regions as [first, last] runs, in order. */
+  dirtyRanges(): [number, number][] {
+    const runs: [number, number][] = [];
+    for (const r of this.engine.indicator.iterate()) {
+      const last = runs[runs.length - 1];
+      if (last && last[1] === r - 1) last[1] = r;
+      else runs.push([r, r]);
+    }
+    return runs;
+  }
+
+  /**
+   * Graceful stop: makes completed writes durable, drops the link, persists the bitmap, and
+   * waits for all I/O to settle. The caller closes the files afterwards.
+   */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    if (this.failure === null) await new Promise<void>((resolve) => this.flush(() => resolve()));
+    this.closed = true;
+    if (this.failure === null) {
+      this.session?.stop();
+      this.event(() => this.engine.requestCheckpoint(this.opts.clock.now()));
+    }
+    while (this.ioCount > 0 || (this.failure === null && this.engine.stats().checkpointInFlight)) {
+      await new Promise<void>((resolve) => this.idleWaiters.push(resolve));
+    }
+    await this.pairStateWrite;
+    this.timer?.cancel();
+    this.connection?.close('stopping');
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // The executor
+
+  private event(fn: () => void): void {
+    if (this.failure !== null) return;
+    try {
+      fn();
+    } catch (err) {
+      this.fail(err);
+      return;
+    }
+    this.pump();
+  }
+
+  private pump(): void {
+    if (this.pumping || this.failure !== null) return; // a synchronous completion re-entered: the loop goes on
+    this.pumping = true;
+    try {
+      for (;;) {
+        const a = this.engine.pollAction();
+        if (a !== undefined) {
+          this.performEngine(a);
+          continue;
+        }
+        const s = this.session?.pollAction();
+        if (s !== undefined) {
+          this.performSession(s);
+          continue;
+        }
+        break;
+      }
+      this.transmit();
+    } catch (err) {
+      this.fail(err);
+    } finally {
+      this.pumping = false;
+    }
+    this.armTimer();
+  }
+
+  private performEngine(a: Action): void {
+    const now = () => this.opts.clock.now();
+    switch (a.type) {
+      case 'appendLog':
+        this.counters.logRecords++;
+        this.log.append(a.record);
+        return;
+      case 'syncLog':
+        this.counters.logSyncs++;
+        this.ioPromise(this.log.flush(), () => this.engine.handleLogSynced(a.throughLsn, now()));
+        return;
+      case 'freeLog':
+        this.log.setTail(a.upToLsn, a.idLimit);
+        return;
+      case 'writeVolume': {
+        const data = this.txs.get(a.txId)?.data[a.index] ?? null;
+        this.buffers.set(a.updateId, data);
+        this.io(
+          (done) => {
+            if (a.kind === 'data')
+              this.storage.volume.write(a.offset, asBuffers(data ?? []), a.length, false, done);
+            else this.storage.volume.writeZeroes(a.offset, a.length, false, done);
+          },
+          () => this.engine.handleVolumeWritten(a.updateId, now()),
+        );
+        return;
+      }
+      case 'readRegion': {
+        const buf = Buffer.allocUnsafe(a.length);
+        this.io(
+          (done) => this.storage.volume.read(a.offset, a.length, buf, 0, done),
+          () => {
+            this.buffers.set(a.updateId, [buf]);
+            this.engine.handleResyncRead(a.updateId, now());
+          },
+        );
+        return;
+      }
+      case 'send': {
+        const data = this.buffers.get(a.updateId) ?? null;
+        this.buffers.delete(a.updateId);
+        const resync = a.source.type === 'resync';
+        if (resync) this.counters.resyncBytes += a.length;
+        else this.counters.replicatedBytes += a.length;
+        this.session?.sendUpdate(
+          { id: a.updateId, offset: a.offset, length: a.length, kind: a.kind, resync },
+          a.kind === 'data' ? asBuffers(data ?? []) : [],
+        );
+        return;
+      }
+      case 'dropUpdate':
+        this.buffers.delete(a.updateId);
+        return;
+      case 'complete': {
+        const tx = this.txs.get(a.txId);
+        this.txs.delete(a.txId);
+        tx?.done(null);
+        return;
+      }
+      case 'flushed': {
+        const done = this.flushes.get(a.flushId);
+        this.flushes.delete(a.flushId);
+        done?.(null);
+        return;
+      }
+      case 'persistBitmap':
+        this.counters.bitmapPersists++;
+        this.ioPromise(this.bitmap.persist(a.bitmap, a.coveredLsn, a.idLimit), () =>
+          this.engine.handleBitmapPersisted(a.checkpointId, now()),
+        );
+        return;
+      case 'syncVolume':
+        this.counters.volumeSyncs++;
+        this.io(
+          (done) => this.storage.volume.flush(done),
+          () => this.engine.handleVolumeSynced(a.syncId, now()),
+        );
+        return;
+      case 'sendBarrier':
+        this.session?.sendBarrier(a.kind, a.afterUpdateId);
+        return;
+      case 'sendResyncBegin':
+        this.resyncStart = {
+          atMs: now(),
+          regions: this.engine.indicator.count,
+          resyncBytes: this.counters.resyncBytes,
+        };
+        this.session?.sendResyncBegin();
+        return;
+      case 'allDirtyDurable':
+        this.session?.handleAllDirtyDurable();
+        return;
+      case 'disconnect':
+        this.session?.drop('no ack from the secondary within the ack timeout');
+        return;
+    }
+  }
+
+  private performSession(a: PrimarySessionAction): void {
+    const session = this.session!;
+    const now = this.opts.clock.now();
+    switch (a.type) {
+      case 'dial': {
+        this.transmit();
+        const connection = this.opts.link!.dialer.dial({
+          open: () => this.connectionEvent(connection, () => session.handleOpen(this.opts.clock.now())),
+          data: (chunk) =>
+            this.connectionEvent(connection, () => session.handleData(chunk, this.opts.clock.now())),
+          close: (reason) =>
+            this.connectionEvent(connection, () => {
+              this.connection = undefined;
+              session.handleClose(reason, this.opts.clock.now());
+            }),
+        });
+        this.connection = connection;
+        return;
+      }
+      case 'close':
+        this.transmit();
+        this.connection?.close(a.reason);
+        return;
+      case 'engineConnected':
+        try {
+          this.engine.handleConnected(a.lastApplied, now, a.replicaConsistent);
+        } catch (err) {
+          if (!(err instanceof VolrepError) || err.code !== 'VOLREP_ERR_PROTOCOL') throw err;
+          this.opts.logger.error({ reason: err.message }, 'the secondary state does not fit this primary');
+          session.drop(err.message);
+        }
+        return;
+      case 'engineAck':
+        try {
+          this.engine.handleAck(a.id, now);
+          this.counters.acks++;
+        } catch (err) {
+          if (!(err instanceof VolrepError) || err.code !== 'VOLREP_ERR_PROTOCOL') throw err;
+          session.drop(`bad ack: ${err.message}`);
+        }
+        return;
+      case 'engineDisconnected':
+        this.engine.handleDisconnected(now);
+        return;
+      case 'markAllDirty':
+        this.engine.markAllDirty(now);
+        return;
+      case 'persistPairState': {
+        const write = this.pairStateWrite.then(() => this.pairState.write(a.state));
+        this.pairStateWrite = write.catch(() => {});
+        this.ioPromise(write, () => {});
+        return;
+      }
+      case 'log':
+        this.opts.logger[a.level](a.fields ?? {}, a.msg);
+        return;
+    }
+  }
+
+  /** Events of a connection that is no longer the current one are stale: ignore them. */
+  private connectionEvent(connection: Connection, fn: () => void): void {
+    if (this.connection !== connection) return;
+    this.event(fn);
+  }
+
+  /** Writes the session's frames, in order, to the current connection. */
+  private transmit(): void {
+    const frames = this.session?.takeOutbox();
+    if (frames !== undefined && frames.length > 0) this.connection?.write(frames);
+  }
+
+  /** One timer, at the earliest deadline of the engine and the session. */
+  private armTimer(): void {
+    if (this.failure !== null || this.closed) return;
+    const at = Math.min(this.engine.nextDeadline(), this.session?.nextDeadline() ?? Number.POSITIVE_INFINITY);
+    if (at === this.timerAtMs) return;
+    this.timer?.cancel();
+    this.timerAtMs = at;
+    this.timer = undefined;
+    if (at === Number.POSITIVE_INFINITY) return;
+    this.timer = this.opts.clock.setTimer(at, () => {
+      this.timer = undefined;
+      this.timerAtMs = Number.POSITIVE_INFINITY;
+      this.event(() => {
+        const now = this.opts.clock.now();
+        this.engine.handleTick(now);
+        this.session?.handleTimeout(now);
+      });
+    });
+  }
+
+  /** Runs callback-style I/O and feeds its completion back as an event; a failure is fatal. */
+  private io(start: (done: Done) => void, then: () => void): void {
+    this.ioCount += 1;
+    let finished = false;
+    const done: Done = (err) => {
+      if (finished) return;
+      finished = true;
+      this.ioCount -= 1;
+      if (err) this.fail(err);
+      else this.event(then);
+      for (const wake of this.idleWaiters.splice(0)) wake();
+    };
+    try {
+      start(done);
+    } catch (err) {
+      done(err as Error);
+    }
+  }
+
+  private ioPromise(work: Promise<unknown>, then: () => void): void {
+    this.io((done) => {
+      work.then(
+        () => done(null),
+        (err: unknown) => done(err instanceof Error ? err : new Error(String(err))),
+      );
+    }, then);
+  }
+
+  private fail(err: unknown): void {
+    if (this.failure !== null) return;
+    const cause = err instanceof Error ? err : new Error(String(err));
+    this.failure =
+      cause instanceof VolrepError && cause.code !== 'VOLREP_ERR_IO'
+        ? new VolrepError(cause.code, `replication engine stopped: ${cause.message}`, { cause })
+        : new VolrepError(
+            'VOLREP_ERR_IO',
+            `replication engine stopped after an I/O error: ${cause.message}`,
+            { cause },
+          );
+    this.timer?.cancel();
+    this.connection?.close('the primary failed');
+    for (const tx of this.txs.values()) tx.done(this.failure);
+    this.txs.clear();
+    for (const done of this.flushes.values()) done(this.failure);
+    this.flushes.clear();
+    for (const wake of this.idleWaiters.splice(0)) wake();
+    this.opts.logger.error({ err: this.failure.message }, 'primary failed');
+    this.opts.onFailure?.(this.failure);
+  }
+}
+
+function validatePairState(v: unknown): PairState | undefined {
+  if (typeof v !== 'object' || v === null) return undefined;
+  const s = v as Record<string, unknown>;
+  return typeof s.replicaEverSynced === 'boolean' ? { replicaEverSynced: s.replicaEverSynced } : undefined;
+}
+
+/** The record a new primary's pair-state file starts with. */
+export const INITIAL_PAIR_STATE: PairState = { replicaEverSynced: false };
+
+function asBuffers(chunks: readonly Uint8Array[]): Buffer[] {
+  return chunks.map((c) => (Buffer.isBuffer(c) ? c : Buffer.from(c.buffer, c.byteOffset, c.byteLength)));
+}

@@ -1,0 +1,246 @@
+/**
+ * The secondary node: the applier over the replica and its state file, and one replication
+ * session per connection from the primary, run over the storage and clock it is given (node:fs
+ * and TCP in the daemon, simulated ones in the simulator).
+ *
+ * Dev notes. The newest connection whose hello is accepted is the current one (after a silent
+ * link cut the old one may linger here long after the primary reconnected); it gets the
+ * welcome once the applier is idle, so the welcome reports only what is durable, and it gets
+ * the acks. Reading from it pauses while the applier's backlog is over APPLY_BACKLOG_BYTES_MAX.
+ * A failed replica write is fatal: the node stops and tells its owner through `onFailure`.
+ */
+import { VolrepError } from '../errors.js';
+import type { BlockDevice } from '../io/block-device.js';
+import type { BlockFile } from '../io/block-file.js';
+import type { Clock, Timer } from '../io/clock.js';
+import { SlotFile } from '../io/slot-file.js';
+import type { Connection, ConnectionEvents } from '../io/transport.js';
+import { Applier, type ReplicaState } from '../replication/applier.js';
+import {
+  type ReplicaIdentity,
+  SecondarySession,
+  type SecondarySessionAction,
+} from '../replication/secondary-session.js';
+import type { NodeLogger } from './primary-node.js';
+
+/** Bytes of updates received but not yet applied before we stop reading (backpressure). */
+export const APPLY_BACKLOG_BYTES_MAX = 64 * 1024 * 1024;
+
+export interface SecondaryStorage {
+  replica: BlockDevice;
+  /** The replica's durable state (a slot file): last applied update id, consistency mark. */
+  state: BlockFile;
+}
+
+export interface SecondaryNodeOptions {
+  clock: Clock;
+  logger: NodeLogger;
+  onFailure?: (err: Error) => void;
+}
+
+interface Peer {
+  connection: Connection;
+  session: SecondarySession;
+  paused: boolean;
+}
+
+export interface SecondaryNodeStatus {
+  peer: { address: string | null; state: 'waiting' | 'connected' };
+  lastAppliedUpdate: number;
+  consistent: boolean;
+}
+
+/** The record a new replica's state file starts with: nothing applied, not consistent (unknown bytes). */
+export const INITIAL_REPLICA_STATE: ReplicaState = { lastAppliedUpdate: 0, consistent: false };
+
+export class SecondaryNode {
+  /** Acks sent to the primary, for metrics. */
+  readonly counters = { acks: 0 };
+  private readonly peers = new Set<Peer>();
+  private current: Peer | undefined;
+  private timer: Timer | undefined;
+  private timerAtMs = Number.POSITIVE_INFINITY;
+  private failure: Error | null = null;
+  private closing = false;
+
+  private constructor(
+    readonly applier: Applier,
+    private readonly identity: ReplicaIdentity,
+    private readonly opts: SecondaryNodeOptions,
+  ) {
+    applier.onDurable = (state) => {
+      const peer = this.current;
+      if (peer === undefined) return;
+      if (peer.session.state === 'streaming') this.counters.acks += 1;
+      this.run(peer, () => peer.session.handleDurable(state));
+    };
+    applier.onFailure = (err) => this.fail(err);
+    applier.onProgress = () => {
+      const peer = this.current;
+      if (peer?.paused && applier.queuedBytes <= APPLY_BACKLOG_BYTES_MAX / 2) {
+        peer.paused = false;
+        peer.connection.resume();
+      }
+    };
+  }
+
+  /** Reads the replica's durable state (refused if missing or unreadable: H18) and starts the applier. */
+  static async open(
+    storage: SecondaryStorage,
+    identity: ReplicaIdentity,
+    opts: SecondaryNodeOptions,
+  ): Promise<SecondaryNode> {
+    const { slots, value } = await SlotFile.open(storage.state, 'replica-state', validateReplicaState);
+    const applier = new Applier(storage.replica, slots, value);
+    return new SecondaryNode(applier, identity, opts);
+  }
+
+  get failed(): Error | null {
+    return this.failure;
+  }
+
+  status(): SecondaryNodeStatus {
+    const state = this.applier.state;
+    return {
+      peer: {
+        address: this.current?.connection.remote ?? null,
+        state: this.current ? 'connected' : 'waiting',
+      },
+      lastAppliedUpdate: state.lastAppliedUpdate,
+      consistent: state.consistent,
+    };
+  }
+
+  /** A new connection from a would-be primary; returns the events its transport must report. */
+  accept(connection: Connection): ConnectionEvents {
+    const peer: Peer = {
+      connection,
+      session: new SecondarySession(this.identity, this.opts.clock.now()),
+      paused: false,
+    };
+    if (this.failure !== null || this.closing) {
+      connection.close(this.failure ? `replica failed: ${this.failure.message}` : 'stopping');
+    } else {
+      this.peers.add(peer);
+      this.armTimer();
+    }
+    return {
+      open: () => {},
+      data: (chunk) => this.run(peer, () => peer.session.handleData(chunk, this.opts.clock.now())),
+      close: () => {
+        this.peers.delete(peer);
+        if (this.current === peer) this.current = undefined;
+        peer.session.handleClose();
+        this.armTimer();
+      },
+    };
+  }
+
+  /** Closes every connection and waits until what was received is applied and durable. */
+  async close(): Promise<void> {
+    this.closing = true;
+    this.timer?.cancel();
+    for (const peer of this.peers) peer.connection.close('stopping');
+    await this.applier.whenIdle();
+  }
+
+  /** Runs an input of one peer's session, then performs what it asks. */
+  private run(peer: Peer, fn: () => void): void {
+    if (!this.peers.has(peer)) return;
+    try {
+      fn();
+      for (let a = peer.session.pollAction(); a !== undefined; a = peer.session.pollAction())
+        this.perform(peer, a);
+    } catch (err) {
+      this.fail(err);
+      return;
+    }
+    const frames = peer.session.takeOutbox();
+    if (frames.length > 0) peer.connection.write(frames);
+    this.armTimer();
+  }
+
+  private perform(peer: Peer, a: SecondarySessionAction): void {
+    switch (a.type) {
+      case 'accepted': {
+        const previous = this.current;
+        this.current = peer;
+        if (previous !== undefined && previous !== peer) {
+          this.opts.logger.warn({}, 'a new connection from the primary replaces the previous one');
+          previous.connection.close('replaced by a newer connection from the primary');
+        }
+        // Report only what is durable: let the applier finish what an earlier link left.
+        void this.applier.whenIdle().then(() =>
+          this.run(peer, () => {
+            if (this.applier.failed) peer.session.drop(`replica failed: ${this.applier.failed.message}`);
+            else peer.session.handleSettled(this.applier.state);
+          }),
+        );
+        return;
+      }
+      case 'apply': {
+        if (this.current !== peer) return peer.session.drop('a newer connection from the primary took over');
+        const problem = this.applier.push(a.op);
+        if (problem !== undefined) return peer.session.drop(problem);
+        if (!peer.paused && this.applier.queuedBytes > APPLY_BACKLOG_BYTES_MAX) {
+          peer.paused = true;
+          peer.connection.pause();
+        }
+        return;
+      }
+      case 'close':
+        peer.connection.write(peer.session.takeOutbox());
+        peer.connection.close(a.reason);
+        return;
+      case 'end':
+        peer.connection.write(peer.session.takeOutbox());
+        peer.connection.end(a.reason);
+        return;
+      case 'log':
+        this.opts.logger[a.level]({ peer: peer.connection.remote, ...a.fields }, a.msg);
+        return;
+    }
+  }
+
+  private armTimer(): void {
+    if (this.failure !== null || this.closing) return;
+    let at = Number.POSITIVE_INFINITY;
+    for (const peer of this.peers) at = Math.min(at, peer.session.nextDeadline());
+    if (at === this.timerAtMs) return;
+    this.timer?.cancel();
+    this.timer = undefined;
+    this.timerAtMs = at;
+    if (at === Number.POSITIVE_INFINITY) return;
+    this.timer = this.opts.clock.setTimer(at, () => {
+      this.timer = undefined;
+      this.timerAtMs = Number.POSITIVE_INFINITY;
+      const now = this.opts.clock.now();
+      for (const peer of [...this.peers]) this.run(peer, () => peer.session.handleTimeout(now));
+      this.armTimer();
+    });
+  }
+
+  private fail(err: unknown): void {
+    if (this.failure !== null) return;
+    const cause = err instanceof Error ? err : new Error(String(err));
+    this.failure = new VolrepError('VOLREP_ERR_IO', `replica failed: ${cause.message}`, { cause });
+    this.timer?.cancel();
+    for (const peer of this.peers) peer.connection.close(this.failure.message);
+    this.opts.logger.error({ err: this.failure.message }, 'secondary failed');
+    this.opts.onFailure?.(this.failure);
+  }
+}
+
+function validateReplicaState(v: unknown): ReplicaState | undefined {
+  if (typeof v !== 'object' || v === null) return undefined;
+  const s = v as Record<string, unknown>;
+  if (
+    typeof s.lastAppliedUpdate !== 'number' ||
+    !Number.isSafeInteger(s.lastAppliedUpdate) ||
+    s.lastAppliedUpdate < 0
+  ) {
+    return undefined;
+  }
+  if (typeof s.consistent !== 'boolean') return undefined;
+  return { lastAppliedUpdate: s.lastAppliedUpdate, consistent: s.consistent };
+}
