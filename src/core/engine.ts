@@ -633,7 +633,7 @@ export class Engine {
       this.connected &&
       !this.ackTimeoutFired &&
       oldest &&
-      now - oldest.sentAtMs >= this.config.ackTimeoutMs
+      now >= oldest.sentAtMs + this.config.ackTimeoutMs // the same sum as nextDeadline(): no float gap
     ) {
       // Step 6: no ack in time. Persist the bitmap and have the shell drop the connection.
       this.ackTimeoutFired = true;
@@ -964,7 +964,7 @@ export class Engine {
     const due =
       blocked ||
       this.volumeUnsynced.size >= VOLUME_SYNC_REGIONS_MAX ||
-      (waiting && this.nowMs - this.lastVolumeSyncMs >= VOLUME_SYNC_INTERVAL_MS);
+      (waiting && this.nowMs >= this.lastVolumeSyncMs + VOLUME_SYNC_INTERVAL_MS);
     if (due) this.issueVolumeSync();
   }
 

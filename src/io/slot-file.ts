@@ -49,6 +49,9 @@ export class SlotFile<T> {
     validate: (value: unknown) => T | undefined,
   ): Promise<{ slots: SlotFile<T>; value: T }> {
     checkSize(file, name);
+    // What a killed process left in the page cache must be durable before the next write goes
+    // to the other slot (else a power loss could tear that one with the newest never on disk).
+    await file.sync();
     let best: { seq: number; value: T } | undefined;
     let sawNewerVersion = false;
     for (let slot = 0; slot < 2; slot++) {

@@ -8,7 +8,8 @@
  * header but landed the same bits, the stale header would read as valid and bring back a
  * bitmap (and a covered log position) that recovery had ruled out. So opening the file wipes,
  * durably, the header of a slot that is newer than the chosen bitmap but not valid, and
- * sequence numbers are never reused.
+ * sequence numbers are never reused. Opening syncs the file first: what a process that was killed
+ * left in the page cache must be durable before a write to the other slot relies on it.
  *
  *   slot header: 0 magic 'VOLREPBM'  8 version  12 zero  16 seq  24 region count
  *                32 covered lsn  40 id limit  48 bitmap bytes  56 bitmap crc32c  60 header crc32c
@@ -87,6 +88,9 @@ export class BitmapFile {
     regionCount: number,
   ): Promise<{ file: BitmapFile; bitmap: PersistedBitmap }> {
     checkSize(file, regionCount);
+    // After a process kill the newest slot may be only in the page cache: make what we are about
+    // to read durable, or the next persist (to the other slot) could leave no valid slot at all.
+    await file.sync();
     const slotBytes = BitmapFile.slotBytes(regionCount);
     const candidates: Array<{ slot: number; h: SlotHeader }> = [];
     const why: string[] = [];

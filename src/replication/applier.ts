@@ -39,6 +39,7 @@ export class Applier {
   private queuedBytesCount = 0;
   /** An op that must finish before the next one starts (a large write, a barrier). */
   private blocked = false;
+  private applying = 0;
   private syncRunning: Promise<void> | undefined;
   private syncWanted = false;
   private failure: Error | undefined;
@@ -71,6 +72,11 @@ export class Applier {
   /** Highest update id written to the replica, durable or not. */
   get writtenId(): number {
     return this.appliedId;
+  }
+
+  /** The update being written to the replica now (0: none), for checks that watch the device. */
+  get applyingId(): number {
+    return this.applying;
   }
 
   get failed(): Error | undefined {
@@ -135,9 +141,11 @@ export class Applier {
 
   private applyUpdate(update: UpdateHeader, data: Buffer[]): void {
     this.blocked = true;
+    this.applying = update.id;
     let returned = false;
     const done = (err: Error | null) => {
       if (update.kind === 'data') this.queuedBytesCount -= update.length;
+      this.applying = 0;
       if (err) return this.fail(err);
       this.appliedId = update.id;
       this.blocked = false;

@@ -252,7 +252,7 @@ export class PrimarySession {
         return;
       case 'marking':
       case 'streaming':
-        if (now - this.lastHeardMs >= this.silenceMsMax) return this.fail('secondary silent for too long');
+        if (now >= this.lastHeardMs + this.silenceMsMax) return this.fail('secondary silent for too long');
         if (now >= this.keepAliveAtMs) {
           this.send('keepAlive');
           this.keepAliveAtMs = now + KEEP_ALIVE_INTERVAL_MS;

@@ -103,7 +103,7 @@ export class SecondarySession {
     if (this.linkState === 'awaitingHello' && now >= this.helloDeadlineMs) this.fail('no hello in time');
     else if (
       (this.linkState === 'settling' || this.linkState === 'streaming') &&
-      now - this.lastHeardMs >= PEER_SILENCE_MS_MAX
+      now >= this.lastHeardMs + PEER_SILENCE_MS_MAX
     )
       this.fail('primary silent for too long');
   }

@@ -61,7 +61,9 @@ export class Checks {
         this.i1Dirty = IndicatorMap.fromBytes(w.regionCount, r.state.dirty);
         const sent = w.sentUpdates.at(-1)?.id ?? 0;
         if (r.state.idLimit <= Math.max(sent, w.maxAckSeen)) {
-          this.fail(`H14: after a power loss now the primary would reuse update ids (limit ${r.state.idLimit}, ${sent} was sent)`);
+          this.fail(
+            `H14: after a power loss now the primary would reuse update ids (limit ${r.state.idLimit}, ${sent} was sent)`,
+          );
         }
       } catch (err) {
         if (err instanceof SimFailure) throw err;
@@ -109,7 +111,8 @@ export class Checks {
       this.durableApplied = (await this.readReplicaState(durableFile(w.stateDisk), 'now')).lastAppliedUpdate;
     }
     // Writes durable from the first on are done with: only the first one not durable matters.
-    while (w.writtenIds.length > 0 && w.durableIds.has(w.writtenIds[0])) w.durableIds.delete(w.writtenIds.shift()!);
+    while (w.writtenIds.length > 0 && w.durableIds.has(w.writtenIds[0]))
+      w.durableIds.delete(w.writtenIds.shift()!);
     const firstMissing = w.writtenIds[0];
     if (firstMissing !== undefined && firstMissing <= this.durableApplied) {
       this.fail(
@@ -117,7 +120,9 @@ export class Checks {
       );
     }
     if (w.maxAckSeen > this.durableApplied) {
-      this.fail(`acked but not durable: the primary heard update ${w.maxAckSeen} is durable, the replica's durable state says ${this.durableApplied}`);
+      this.fail(
+        `acked but not durable: the primary heard update ${w.maxAckSeen} is durable, the replica's durable state says ${this.durableApplied}`,
+      );
     }
   }
 
@@ -134,7 +139,10 @@ export class Checks {
     state.crash(fork);
     const s = await this.readReplicaState(state, 'after a power loss now');
     if (!s.consistent) return;
-    this.barrierRule(Workload.decodeImage((o, l) => replica.view(o, l), w.workload.sectors), 'the replica after a power loss now');
+    this.barrierRule(
+      Workload.decodeImage((o, l) => replica.view(o, l), w.workload.sectors),
+      'the replica after a power loss now',
+    );
   }
 
   /** If the image holds a write issued after a barrier completed, it holds what the barrier covers. */
@@ -190,7 +198,10 @@ export class Checks {
       const req = wl.replicaDurable[s];
       if (req === undefined) continue;
       const why = wl.violates(s, decodeAt(w.replica, s, true), req);
-      if (why !== undefined) this.fail(`sync mode (${where}): a write the client saw complete is not durable on the replica: ${why}`);
+      if (why !== undefined)
+        this.fail(
+          `sync mode (${where}): a write the client saw complete is not durable on the replica: ${why}`,
+        );
     }
   }
 
@@ -203,7 +214,10 @@ export class Checks {
     const wl = w.workload;
     for (let s = 0; s < wl.sectors; s++) {
       const why = wl.violates(s, decodeAt(w.volume, s, true), wl.primaryDurable[s]);
-      if (why !== undefined) this.fail(`FLUSH/FUA on the primary: a completed barrier's write is not durable on the volume: ${why}`);
+      if (why !== undefined)
+        this.fail(
+          `FLUSH/FUA on the primary: a completed barrier's write is not durable on the volume: ${why}`,
+        );
     }
   }
 
@@ -214,14 +228,16 @@ export class Checks {
     const w = this.w;
     const out = new Map<number, string>();
     const mark = (offset: number, length: number, why: string) => {
-      for (let r = regionOf(w, offset); r <= regionOf(w, offset + length - 1); r++) if (!out.has(r)) out.set(r, why);
+      for (let r = regionOf(w, offset); r <= regionOf(w, offset + length - 1); r++)
+        if (!out.has(r)) out.set(r, why);
     };
     for (const op of w.io.pending) {
       if (op.kind !== 'write') continue;
       if (op.disk === w.volume) mark(op.offset, op.length, 'a volume write to it is in flight');
       if (op.disk === w.replica) mark(op.offset, op.length, 'a replica write to it is in flight');
     }
-    for (const u of w.updatesInFlight()) mark(u.offset, u.length, `update ${u.id} to it is on its way to the replica`);
+    for (const u of w.updatesInFlight())
+      mark(u.offset, u.length, `update ${u.id} to it is on its way to the replica`);
     for (const [o, l] of w.replica.unsyncedRanges()) mark(o, l, 'the replica has unsynced writes to it');
     for (const [o, l] of w.volume.unsyncedRanges()) mark(o, l, 'the volume has unsynced writes to it');
     return out;
@@ -238,7 +254,8 @@ export class Checks {
     for (let s = start / SECTOR_BYTES; s < (start + length) / SECTOR_BYTES; s++) {
       const a = decodeAt(w.volume, s, false);
       const b = decodeAt(replica, s, image === 'durable');
-      if (a !== b) return `it differs: sector ${s} holds ${name(a)} on the volume, ${name(b)} on the replica (${image})`;
+      if (a !== b)
+        return `it differs: sector ${s} holds ${name(a)} on the volume, ${name(b)} on the replica (${image})`;
     }
     return 'it differs';
   }
@@ -258,7 +275,9 @@ export class Checks {
 }
 
 function decodeAt(disk: SimDisk, s: number, durable: boolean): number {
-  const bytes = durable ? disk.durableView(s * SECTOR_BYTES, SECTOR_BYTES) : disk.view(s * SECTOR_BYTES, SECTOR_BYTES);
+  const bytes = durable
+    ? disk.durableView(s * SECTOR_BYTES, SECTOR_BYTES)
+    : disk.view(s * SECTOR_BYTES, SECTOR_BYTES);
   return Workload.decodeImage(() => bytes, 1)[0];
 }
 

@@ -72,32 +72,72 @@ async function main(): Promise<void> {
     return;
   }
   process.stdout.write(`${formatTotals(totals)}\n`);
-  if (untilFail && totals.failed.length > 0) process.stdout.write(`first failure after ${totals.seeds} seed(s)\n`);
+  if (untilFail && totals.failed.length > 0)
+    process.stdout.write(`first failure after ${totals.seeds} seed(s)\n`);
   const worst = totals.failed[0];
   if (worst) process.exit(EXIT[worst.kind!]);
 }
 
 /** Splits the seeds over processes (two cores: the 100,000-seed run). */
-async function runInWorkers(first: number, count: number, jobs: number, steps: number, untilFail: boolean): Promise<RunTotals> {
+async function runInWorkers(
+  first: number,
+  count: number,
+  jobs: number,
+  steps: number,
+  untilFail: boolean,
+): Promise<RunTotals> {
   const per = Math.ceil(count / jobs);
   const script = fileURLToPath(import.meta.url);
   const parts = await Promise.all(
     Array.from({ length: jobs }, (_, j) => {
       const from = first + j * per;
       const n = Math.max(0, Math.min(per, first + count - from));
-      const args = ['--first', String(from), '--seeds', String(n), '--steps', String(steps), '--worker', '--quiet'];
+      const args = [
+        '--first',
+        String(from),
+        '--seeds',
+        String(n),
+        '--steps',
+        String(steps),
+        '--worker',
+        '--quiet',
+      ];
       if (untilFail) args.push('--until-fail');
       return new Promise<RunTotals>((resolve, reject) => {
-        const child = fork(script, args, { execArgv: process.execArgv, stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
+        const child = fork(script, args, {
+          execArgv: process.execArgv,
+          stdio: ['ignore', 'inherit', 'inherit', 'ipc'],
+        });
         let result: RunTotals | undefined;
         child.on('message', (m) => (result = m as RunTotals));
-        child.on('exit', (code) => (result ? resolve(result) : reject(new Error(`worker exited with ${code}`))));
+        child.on('exit', (code) =>
+          result ? resolve(result) : reject(new Error(`worker exited with ${code}`)),
+        );
       });
     }),
   );
-  const totals: RunTotals = { seeds: 0, failed: [], seconds: 0, steps: 0, requests: 0, kills: 0, powerLosses: 0, linkFaults: 0, writebacks: 0 };
+  const totals: RunTotals = {
+    seeds: 0,
+    failed: [],
+    seconds: 0,
+    steps: 0,
+    requests: 0,
+    kills: 0,
+    powerLosses: 0,
+    linkFaults: 0,
+    writebacks: 0,
+  };
   for (const p of parts) {
-    for (const k of ['seeds', 'steps', 'requests', 'kills', 'powerLosses', 'linkFaults', 'writebacks'] as const) totals[k] += p[k];
+    for (const k of [
+      'seeds',
+      'steps',
+      'requests',
+      'kills',
+      'powerLosses',
+      'linkFaults',
+      'writebacks',
+    ] as const)
+      totals[k] += p[k];
     totals.seconds = Math.max(totals.seconds, p.seconds);
     totals.failed.push(...p.failed);
   }

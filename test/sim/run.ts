@@ -3,9 +3,9 @@
  * test (sim.test.ts). A failing seed prints its kind, what broke, the last steps of its trace
  * and the command that replays it exactly.
  */
-import { type SimStats, SimFailure, World } from './world.js';
+import { SimFailure, type SimStats, World } from './world.js';
 
-export const DEFAULT_STEPS = 300;
+export const DEFAULT_STEPS = 400;
 
 export interface SeedResult {
   seed: number;

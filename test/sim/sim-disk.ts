@@ -51,7 +51,8 @@ export class SimDisk implements BlockFile {
   durableVersion = 0;
   /** Bumped by every change at all. */
   version = 0;
-  /** Called with the tag of each write once it is durable whole. */
+  /** Called with the tag of each write once it is in the page cache, and once it is durable whole. */
+  onWritten: ((tag: number) => void) | null = null;
   onDurable: ((tag: number) => void) | null = null;
   /** Counters for tests. */
   writes = 0;
@@ -97,6 +98,7 @@ export class SimDisk implements BlockFile {
     this.current.set(data, offset);
     this.writeSeq += 1;
     this.unsynced.push({ offset, data: copyOf(data), seq: this.writeSeq, tag });
+    if (tag !== 0) this.onWritten?.(tag);
     this.writes += 1;
     this.version += 1;
   }
@@ -207,7 +209,8 @@ export class SimDisk implements BlockFile {
       } else if (mode === 'corrupt') {
         const garbled = copyOf(w.data);
         const flips = 1 + prng.int(4);
-        for (let k = 0; k < flips && garbled.length > 0; k++) garbled[prng.int(garbled.length)] ^= 1 + prng.int(255);
+        for (let k = 0; k < flips && garbled.length > 0; k++)
+          garbled[prng.int(garbled.length)] ^= 1 + prng.int(255);
         image.set(garbled, w.offset);
       }
     }

@@ -75,7 +75,13 @@ export class IoQueue {
   /** Whether a write in flight touches [offset, offset + length) of the disk. */
   writeTouching(disk: SimDisk, offset: number, length: number): boolean {
     for (const op of this.pending) {
-      if (op.disk === disk && op.kind === 'write' && op.offset < offset + length && offset < op.offset + op.length) return true;
+      if (
+        op.disk === disk &&
+        op.kind === 'write' &&
+        op.offset < offset + length &&
+        offset < op.offset + op.length
+      )
+        return true;
     }
     return false;
   }
@@ -273,7 +279,9 @@ export class SimTime {
     let fired = 0;
     for (;;) {
       this.timers = this.timers.filter((t) => !t.cancelled);
-      const due = this.timers.filter((t) => t.atMs <= this.nowMs).sort((a, b) => a.atMs - b.atMs || a.seq - b.seq)[0];
+      const due = this.timers
+        .filter((t) => t.atMs <= this.nowMs)
+        .sort((a, b) => a.atMs - b.atMs || a.seq - b.seq)[0];
       if (due === undefined) return fired;
       due.cancelled = true;
       fired += 1;
@@ -413,7 +421,8 @@ export class SimNetwork {
       for (const end of [conn.dialer, conn.acceptor]) {
         if (end.closeReported) continue;
         if (end.inbound.length > 0 && !end.paused) out.push(() => this.deliver(end, prng));
-        else if (end.inbound.length === 0 && end.closeComing !== undefined) out.push(() => this.deliverClose(end));
+        else if (end.inbound.length === 0 && end.closeComing !== undefined)
+          out.push(() => this.deliverClose(end));
       }
     }
     return out;
@@ -421,6 +430,7 @@ export class SimNetwork {
 
   /** A connect attempt arrives: accepted if the secondary listens, refused if not. */
   establish(conn: SimConnection): void {
+    if (!conn.establishing) return;
     conn.establishing = false;
     if (this.listener === null) {
       this.trace(`connection ${conn.id} refused (nobody listens)`);
@@ -436,6 +446,8 @@ export class SimNetwork {
 
   /** Delivers the next chunk (or a prefix of it) to an end. */
   deliver(end: SimEnd, prng?: Prng): void {
+    // In a burst, an earlier delivery may have closed this end or emptied it.
+    if (end.inbound.length === 0 || end.paused || end.closeReported) return;
     let chunk = end.inbound[0];
     if (prng !== undefined && chunk.length > 1 && prng.chance(0.3)) {
       const cut = 1 + prng.int(chunk.length - 1);
@@ -450,6 +462,7 @@ export class SimNetwork {
   }
 
   deliverClose(end: SimEnd): void {
+    if (end.closeReported) return;
     const reason = end.closeComing ?? 'closed';
     end.closed = true;
     this.reportClose(end, reason);
@@ -489,7 +502,8 @@ export class SimNetwork {
   prune(): void {
     for (let i = this.connections.length - 1; i >= 0; i--) {
       const c = this.connections[i];
-      const done = (e: SimEnd) => e.closeReported || (e.closed && e.inbound.length === 0 && e.closeComing === undefined);
+      const done = (e: SimEnd) =>
+        e.closeReported || (e.closed && e.inbound.length === 0 && e.closeComing === undefined);
       // A connect attempt the dialer gave up on never arrives.
       const abandoned = c.establishing && c.dialer.closed;
       if (abandoned || (!c.establishing && done(c.dialer) && done(c.acceptor))) this.connections.splice(i, 1);

@@ -11,6 +11,7 @@
 import type { WriteKind } from '../../src/core/engine.js';
 import type { NodeWrite, PrimaryNode } from '../../src/shell/primary-node.js';
 import type { Prng } from './prng.js';
+import type { Profile } from './world.js';
 
 export const SECTOR_BYTES = 512;
 const TAG_MAGIC = 0x56534543; // 'VSEC'
@@ -96,6 +97,7 @@ export class Workload {
     private readonly volumeSize: number,
     private readonly regionSize: number,
     private readonly syncMode: boolean,
+    private readonly profile: Profile,
     private readonly trace: (line: string) => void,
   ) {
     this.sectors = volumeSize / SECTOR_BYTES;
@@ -128,8 +130,8 @@ export class Workload {
     const alive = () => incarnation === this.incarnation;
     this.outstanding += 1;
     this.submitted += 1;
-    const r = prng.int(100);
-    if (r < 12) {
+    const r = prng.next() / 2 ** 32;
+    if (r < this.profile.flushShare) {
       const issueStep = step();
       this.trace(`client FLUSH`);
       node.flush((err) => {
@@ -140,8 +142,9 @@ export class Workload {
       });
       return;
     }
-    const count = r < 27 ? 2 + prng.int(2) : 1;
-    const fua = prng.chance(count > 1 ? 0.3 : 0.15);
+    const library = this.profile.txWritesMax > 1 && r < this.profile.flushShare + 0.2;
+    const count = library ? 2 + prng.int(this.profile.txWritesMax - 1) : 1;
+    const fua = prng.chance(this.profile.fuaChance);
     const writes: ClientWrite[] = [];
     const nodeWrites: NodeWrite[] = [];
     for (let i = 0; i < count; i++) {
@@ -196,7 +199,8 @@ export class Workload {
         if (this.syncMode && epochNow > 0 && epochNow === w.epochAtIssue) raise(this.replicaDurable, s, req);
       }
     }
-    if (writes[0].fua) this.barriers.push({ kind: 'fua', issueStep: writes[0].issueStep, completeStep: at, writes });
+    if (writes[0].fua)
+      this.barriers.push({ kind: 'fua', issueStep: writes[0].issueStep, completeStep: at, writes });
     this.trace(`client done #${writes.map((w) => w.seq).join(',#')}`);
   }
 

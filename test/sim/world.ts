@@ -14,12 +14,17 @@ import { BitmapFile } from '../../src/log/bitmap-file.js';
 import { LogFile } from '../../src/log/log-file.js';
 import { FrameDecoder } from '../../src/replication/frames.js';
 import { decodeMessage } from '../../src/replication/messages.js';
-import { INITIAL_PAIR_STATE, type NodeLogger, PrimaryNode, type PrimaryNodeConfig } from '../../src/shell/primary-node.js';
+import {
+  INITIAL_PAIR_STATE,
+  type NodeLogger,
+  PrimaryNode,
+  type PrimaryNodeConfig,
+} from '../../src/shell/primary-node.js';
 import { INITIAL_REPLICA_STATE, SecondaryNode } from '../../src/shell/secondary-node.js';
 import { Checks } from './checks.js';
 import { Prng } from './prng.js';
 import { SimDisk } from './sim-disk.js';
-import { IoQueue, type NodeName, type SimEnd, SimDevice, SimFile, SimNetwork, SimTime } from './sim-io.js';
+import { IoQueue, type NodeName, SimDevice, type SimEnd, SimFile, SimNetwork, SimTime } from './sim-io.js';
 import { SECTOR_BYTES, Workload } from './workload.js';
 
 export type FailureKind = 'correctness' | 'liveness' | 'crash';
@@ -36,11 +41,33 @@ export class SimFailure extends Error {
 
 export const SIM_VOLUME_ID = '00000000-0000-4000-8000-000000000001';
 const REGION_BYTES = 4096;
-/** 12.5 regions: a partial last region. */
-const VOLUME_BYTES = 12 * REGION_BYTES + 2048;
-const TX_WRITES_MAX = 3;
-const QUEUE_DEPTH = 4;
+/** 24.5 regions: a partial last region. */
+const VOLUME_BYTES = 24 * REGION_BYTES + 2048;
 const CONVERGE_STEPS_MAX = 60_000;
+
+/**
+ * What one seed's world is like, drawn from the seed: how hard the client pushes, how often things
+ * break, how slow the secondary's disk is, how bursty the network. Different regimes find
+ * different bugs (a deep queue and big transactions fill a small log; a slow secondary with
+ * bursts lets updates on both sides of a barrier meet in one batch).
+ */
+export interface Profile {
+  queueDepth: number;
+  /** Share of requests that are a FLUSH. */
+  flushShare: number;
+  /** Chance that a write (or transaction) is FUA. */
+  fuaChance: number;
+  /** Writes per library transaction, at most (also the engine's limit). */
+  txWritesMax: number;
+  /** Weight of a fault among the step kinds. */
+  faultWeight: number;
+  /** Weight of completing a secondary I/O relative to a primary one. */
+  secondaryIoSpeed: number;
+  /** Chance that a delivery step delivers everything queued for an end. */
+  burstChance: number;
+  /** Chance per step that a busy client pauses (a pause lets resyncs finish: I5 needs a consistent replica). */
+  pauseChance: number;
+}
 const TRACE_LINES = 120;
 
 export interface SimOptions {
@@ -76,16 +103,28 @@ export class World {
   readonly regionCount: number;
   readonly syncMode: boolean;
   readonly assumeClean: boolean;
+  readonly profile: Profile;
   // The primary's disks.
-  readonly volume = new SimDisk(VOLUME_BYTES, { atomicBytes: SECTOR_BYTES, modes: ['whole', 'absent', 'partial'] });
+  readonly volume = new SimDisk(VOLUME_BYTES, {
+    atomicBytes: SECTOR_BYTES,
+    modes: ['whole', 'absent', 'partial'],
+  });
   readonly logDisk: SimDisk;
   readonly bitmapDisk: SimDisk;
   readonly pairDisk = new SimDisk(SLOT_FILE_BYTES);
   // The secondary's disks.
-  readonly replica = new SimDisk(VOLUME_BYTES, { atomicBytes: SECTOR_BYTES, modes: ['whole', 'absent', 'partial'] });
+  readonly replica = new SimDisk(VOLUME_BYTES, {
+    atomicBytes: SECTOR_BYTES,
+    modes: ['whole', 'absent', 'partial'],
+  });
   readonly stateDisk = new SimDisk(SLOT_FILE_BYTES);
   readonly primary: Slot<PrimaryNode> = { node: undefined, state: 'down', incarnation: 0, downSinceMs: 0 };
-  readonly secondary: Slot<SecondaryNode> = { node: undefined, state: 'down', incarnation: 0, downSinceMs: 0 };
+  readonly secondary: Slot<SecondaryNode> = {
+    node: undefined,
+    state: 'down',
+    incarnation: 0,
+    downSinceMs: 0,
+  };
   readonly workload: Workload;
   readonly checks: Checks;
   readonly stats: SimStats = {
@@ -99,6 +138,7 @@ export class World {
     reconnects: 0,
   };
   step = 0;
+  private clientBusy = true;
   /** The first broken rule seen in a callback (node failure, client error): thrown at the next check. */
   failure: SimFailure | undefined;
   private readonly traceLines: string[] = [];
@@ -118,6 +158,16 @@ export class World {
     this.regionCount = Math.ceil(VOLUME_BYTES / REGION_BYTES);
     this.syncMode = options.seed % 3 === 0;
     this.assumeClean = p.chance(0.5);
+    this.profile = {
+      queueDepth: p.pick([2, 4, 8, 16]),
+      flushShare: p.pick([0.02, 0.1, 0.25]),
+      fuaChance: p.pick([0.05, 0.2, 0.4]),
+      txWritesMax: p.pick([1, 3, 8]),
+      faultWeight: p.pick([0.1, 0.4, 1.2]),
+      secondaryIoSpeed: p.pick([1, 1, 0.2]),
+      burstChance: p.pick([0, 0.3]),
+      pauseChance: p.pick([0, 0.02, 0.05]),
+    };
     const logCapacity = p.pick([1024, 1024, 2048]);
     this.logDisk = new SimDisk(LogFile.fileBytes(Math.ceil(logCapacity / 8) * 8));
     this.bitmapDisk = new SimDisk(BitmapFile.fileBytes(this.regionCount));
@@ -127,7 +177,7 @@ export class World {
       activityWindowRegions: p.pick([2, 6, 16]),
       inflightBytesMax: 24 * 1024,
       ackTimeoutMs: 500,
-      txWritesMax: TX_WRITES_MAX,
+      txWritesMax: this.profile.txWritesMax,
       syncMode: this.syncMode,
     };
     this.logger = {
@@ -136,7 +186,9 @@ export class World {
       warn: (fields, msg) => this.trace(`  log: ${msg} ${brief(fields)}`),
       error: (fields, msg) => this.trace(`  log: ERROR ${msg} ${brief(fields)}`),
     };
-    this.workload = new Workload(VOLUME_BYTES, REGION_BYTES, this.syncMode, (line) => this.trace(line));
+    this.workload = new Workload(VOLUME_BYTES, REGION_BYTES, this.syncMode, this.profile, (line) =>
+      this.trace(line),
+    );
     this.checks = new Checks(this);
     this.net.trace = (line) => this.trace(`  net: ${line}`);
     this.net.onSend = (from, chunk) => {
@@ -145,6 +197,7 @@ export class World {
     this.net.onDeliver = (to, chunk) => {
       if (to.node === 'primary') this.sniff(to, chunk);
     };
+    this.replica.onWritten = (id) => this.writtenIds.push(id);
     this.replica.onDurable = (id) => this.durableIds.add(id);
   }
 
@@ -154,17 +207,21 @@ export class World {
     await BitmapFile.format(this.bitmapDisk, this.regionCount);
     await SlotFile.format(this.pairDisk, INITIAL_PAIR_STATE);
     await SlotFile.format(this.stateDisk, INITIAL_REPLICA_STATE);
-    for (const d of [this.logDisk, this.bitmapDisk, this.pairDisk, this.stateDisk, this.volume, this.replica]) d.syncSync();
+    for (const d of [this.logDisk, this.bitmapDisk, this.pairDisk, this.stateDisk, this.volume, this.replica])
+      d.syncSync();
   }
 
   describe(): string {
-    return `seed ${this.options.seed}: ${this.syncMode ? 'sync' : 'async'} mode, ${this.assumeClean ? '--assume-clean' : 'full initial sync'}, log ${this.logDisk.size - LogFile.fileBytes(0)} B, window ${this.config.activityWindowRegions} regions`;
+    return `seed ${this.options.seed}: ${this.syncMode ? 'sync' : 'async'} mode, ${this.assumeClean ? '--assume-clean' : 'full initial sync'}, log ${this.logDisk.size - LogFile.fileBytes(0)} B, window ${this.config.activityWindowRegions} regions, ${JSON.stringify(this.profile)}`;
   }
 
   trace(line: string): void {
     if (process.env.VOLREP_SIM_TRACE) process.stderr.write(`${String(this.step).padStart(5)} ${line}\n`);
-    this.traceLines.push(`${String(this.step).padStart(5)} ${String(Math.round(this.time.nowMs)).padStart(6)}ms ${line}`);
-    if (this.traceLines.length > TRACE_LINES * 2) this.traceLines.splice(0, this.traceLines.length - TRACE_LINES);
+    this.traceLines.push(
+      `${String(this.step).padStart(5)} ${String(Math.round(this.time.nowMs)).padStart(6)}ms ${line}`,
+    );
+    if (this.traceLines.length > TRACE_LINES * 2)
+      this.traceLines.splice(0, this.traceLines.length - TRACE_LINES);
   }
 
   recentTrace(lines = 60): string {
@@ -201,16 +258,38 @@ export class World {
   private async randomStep(): Promise<void> {
     this.step += 1;
     const p = this.prng;
+    this.advance(this.time.nowMs + p.int(1000) / 1000);
     const choices: Array<[number, () => void]> = [];
-    if (this.io.pending.length > 0) choices.push([30, () => this.completeIo()]);
+    const prof = this.profile;
+    const ioPrimary = this.io.pending.some((op) => op.node === 'primary');
+    const ioSecondary = this.io.pending.some((op) => op.node === 'secondary');
+    if (ioPrimary) choices.push([15, () => this.completeIo('primary')]);
+    if (ioSecondary) choices.push([15 * prof.secondaryIoSpeed, () => this.completeIo('secondary')]);
     const netSteps = this.net.steps(p);
-    if (netSteps.length > 0) choices.push([25, () => p.pick(netSteps)()]);
-    if (this.primary.state === 'up' && this.workload.outstanding < QUEUE_DEPTH) choices.push([14, () => this.submit()]);
-    choices.push([8, () => this.advance(this.time.nowMs + 1 + p.int(20))]);
+    if (netSteps.length > 0) {
+      choices.push([
+        25,
+        () => {
+          if (p.chance(prof.burstChance)) for (const step of netSteps) step();
+          else p.pick(netSteps)();
+        },
+      ]);
+    }
+    if (this.clientBusy ? p.chance(prof.pauseChance) : p.chance(0.04)) this.clientBusy = !this.clientBusy;
+    if (this.clientBusy && this.primary.state === 'up' && this.workload.outstanding < prof.queueDepth) {
+      choices.push([14, () => this.submit()]);
+    }
+    // Time: every step takes a little (I/O and the network take microseconds to milliseconds);
+    // now and then a longer pause (a stall, a slow disk) runs up to the next timer while work is
+    // pending, which is what makes timeouts fire on a live link.
+    choices.push([4, () => this.advance(this.time.nowMs + 1 + p.int(20))]);
     const nextTimer = this.time.nextTimerMs();
-    if (nextTimer !== Number.POSITIVE_INFINITY) choices.push([3, () => this.advance(Math.max(nextTimer, this.time.nowMs))]);
+    if (nextTimer !== Number.POSITIVE_INFINITY) {
+      const idle = this.io.pending.length === 0 && netSteps.length === 0;
+      choices.push([idle ? 20 : 0.4, () => this.advance(Math.max(nextTimer, this.time.nowMs))]);
+    }
     choices.push([3, () => this.writeback()]);
-    choices.push([2.5, () => this.fault()]);
+    choices.push([prof.faultWeight, () => this.fault()]);
     for (const [slot, start] of [
       [this.primary, () => this.startPrimary()],
       [this.secondary, () => this.startSecondary()],
@@ -219,7 +298,7 @@ export class World {
     }
     let total = 0;
     for (const [w] of choices) total += w;
-    let r = p.next() / 2 ** 32 * total;
+    let r = (p.next() / 2 ** 32) * total;
     for (const [w, act] of choices) {
       r -= w;
       if (r < 0) return act();
@@ -266,12 +345,20 @@ export class World {
     const p = this.prng;
     const faults: Array<() => void> = [];
     if (this.primary.state !== 'down') {
-      faults.push(() => this.killPrimary(false), () => this.killPrimary(true));
+      faults.push(
+        () => this.killPrimary(false),
+        () => this.killPrimary(true),
+      );
     }
     if (this.secondary.state !== 'down') {
-      faults.push(() => this.killSecondary(false), () => this.killSecondary(true));
+      faults.push(
+        () => this.killSecondary(false),
+        () => this.killSecondary(true),
+      );
     }
-    const live = this.net.connections.filter((c) => !c.establishing && !c.dialer.closed && !c.acceptor.closed);
+    const live = this.net.connections.filter(
+      (c) => !c.establishing && !c.dialer.closed && !c.acceptor.closed,
+    );
     if (live.length > 0) {
       faults.push(() => {
         this.stats.linkFaults += 1;
@@ -349,16 +436,13 @@ export class World {
         if (incarnation !== slot.incarnation) return;
         slot.node = node;
         slot.state = 'up';
-        replica.tagWrite = () => {
-          const id = node.applier.applyingId;
-          this.writtenIds.push(id);
-          return id;
-        };
+        replica.tagWrite = () => node.applier.applyingId;
         this.net.listener = (connection) => node.accept(connection);
         this.trace(`secondary up: ${JSON.stringify(node.status())}`);
       },
       (err: Error) => {
-        if (incarnation === slot.incarnation) this.fail('crash', `the secondary could not start: ${err.stack}`);
+        if (incarnation === slot.incarnation)
+          this.fail('crash', `the secondary could not start: ${err.stack}`);
       },
     );
   }
@@ -437,7 +521,8 @@ export class World {
       const r = s.decoder.next(s.queue);
       if (r === undefined || r.kind === 'error') return;
       const m = decodeMessage(r.frame);
-      if (m.type === 'update') this.sentUpdates.push({ id: m.update.id, offset: m.update.offset, length: m.update.length });
+      if (m.type === 'update')
+        this.sentUpdates.push({ id: m.update.id, offset: m.update.offset, length: m.update.length });
       else if (m.type === 'ack') this.maxAckSeen = Math.max(this.maxAckSeen, m.ack.id);
       else if (m.type === 'welcome') this.maxAckSeen = Math.max(this.maxAckSeen, m.welcome.lastAppliedUpdate);
     }
@@ -461,7 +546,10 @@ export class World {
         else {
           const next = this.time.nextTimerMs();
           if (next === Number.POSITIVE_INFINITY) {
-            throw new SimFailure('liveness', `the pair is stuck out of sync with nothing left to do: ${this.syncState()}`);
+            throw new SimFailure(
+              'liveness',
+              `the pair is stuck out of sync with nothing left to do: ${this.syncState()}`,
+            );
           }
           this.advance(Math.max(next, this.time.nowMs));
         }
@@ -473,10 +561,16 @@ export class World {
     const v = this.volume.view(0, VOLUME_BYTES);
     const r = this.replica.view(0, VOLUME_BYTES);
     if (Buffer.compare(v, r) !== 0) {
-      throw new SimFailure('correctness', `after converging the replica differs from the primary at ${firstDifference(v, r)}`);
+      throw new SimFailure(
+        'correctness',
+        `after converging the replica differs from the primary at ${firstDifference(v, r)}`,
+      );
     }
     if (Buffer.compare(r, this.replica.durableView(0, VOLUME_BYTES)) !== 0) {
-      throw new SimFailure('correctness', 'after converging, some of the replica is not durable though all was acked');
+      throw new SimFailure(
+        'correctness',
+        'after converging, some of the replica is not durable though all was acked',
+      );
     }
     this.trace(`converged: volume and replica identical (crc32c ${crc32c(Buffer.from(v)).toString(16)})`);
   }
@@ -486,7 +580,12 @@ export class World {
     if (this.primary.state !== 'up' || this.secondary.state !== 'up' || node === undefined) return false;
     if (this.workload.outstanding > 0 || this.io.pending.length > 0) return false;
     const s = node.status();
-    return s.dirtyRegions === 0 && s.pendingUpdates === 0 && s.link?.state === 'streaming' && s.link.replicaConsistent;
+    return (
+      s.dirtyRegions === 0 &&
+      s.pendingUpdates === 0 &&
+      s.link?.state === 'streaming' &&
+      s.link.replicaConsistent
+    );
   }
 
   private syncState(): string {
@@ -514,7 +613,8 @@ function brief(fields: object): string {
 
 function firstDifference(a: Uint8Array, b: Uint8Array): string {
   for (let i = 0; i < a.length; i++) {
-    if (a[i] !== b[i]) return `byte ${i} (region ${Math.floor(i / REGION_BYTES)}, sector ${Math.floor(i / SECTOR_BYTES)})`;
+    if (a[i] !== b[i])
+      return `byte ${i} (region ${Math.floor(i / REGION_BYTES)}, sector ${Math.floor(i / SECTOR_BYTES)})`;
   }
   return 'nowhere';
 }
