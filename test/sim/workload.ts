@@ -94,7 +94,7 @@ export class Workload {
   private incarnation = 0;
 
   constructor(
-    private readonly volumeSize: number,
+    volumeSize: number,
     private readonly regionSize: number,
     private readonly syncMode: boolean,
     private readonly profile: Profile,
