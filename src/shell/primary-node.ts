@@ -490,7 +490,7 @@ export class PrimaryNode {
       if (finished) return;
       finished = true;
       this.ioCount -= 1;
-      if (err) this.fail(err);
+      if (err) this.fail(err, 'io');
       else this.event(then);
       for (const wake of this.idleWaiters.splice(0)) wake();
     };
@@ -510,16 +510,23 @@ export class PrimaryNode {
     }, then);
   }
 
-  private fail(err: unknown): void {
+  /** Stops the node: after a failed I/O (`io`), or on a broken rule in the engine or session (a bug). */
+  private fail(err: unknown, kind: 'io' | 'internal' = 'internal'): void {
     if (this.failure !== null) return;
     const cause = err instanceof Error ? err : new Error(String(err));
     this.failure =
-      cause instanceof VolrepError && cause.code !== 'VOLREP_ERR_IO'
-        ? new VolrepError(cause.code, `replication engine stopped: ${cause.message}`, { cause })
-        : new VolrepError(
+      kind === 'io'
+        ? new VolrepError(
             'VOLREP_ERR_IO',
             `replication engine stopped after an I/O error: ${cause.message}`,
             { cause },
+          )
+        : new VolrepError(
+            'VOLREP_ERR_STATE',
+            `replication engine stopped on an internal error: ${cause.message}`,
+            {
+              cause,
+            },
           );
     this.timer?.cancel();
     this.connection?.close('the primary failed');

@@ -74,7 +74,7 @@ export class SecondaryNode {
       if (peer.session.state === 'streaming') this.counters.acks += 1;
       this.run(peer, () => peer.session.handleDurable(state));
     };
-    applier.onFailure = (err) => this.fail(err);
+    applier.onFailure = (err) => this.fail(err, 'io');
     applier.onProgress = () => {
       const peer = this.current;
       if (peer?.paused && applier.queuedBytes <= APPLY_BACKLOG_BYTES_MAX / 2) {
@@ -220,10 +220,16 @@ export class SecondaryNode {
     });
   }
 
-  private fail(err: unknown): void {
+  /** Stops the node: after a failed replica write (`io`), or on a broken rule in a session (a bug). */
+  private fail(err: unknown, kind: 'io' | 'internal' = 'internal'): void {
     if (this.failure !== null) return;
     const cause = err instanceof Error ? err : new Error(String(err));
-    this.failure = new VolrepError('VOLREP_ERR_IO', `replica failed: ${cause.message}`, { cause });
+    this.failure =
+      kind === 'io'
+        ? new VolrepError('VOLREP_ERR_IO', `replica failed after an I/O error: ${cause.message}`, { cause })
+        : new VolrepError('VOLREP_ERR_STATE', `secondary stopped on an internal error: ${cause.message}`, {
+            cause,
+          });
     this.timer?.cancel();
     for (const peer of this.peers) peer.connection.close(this.failure.message);
     this.opts.logger.error({ err: this.failure.message }, 'secondary failed');

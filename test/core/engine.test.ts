@@ -26,7 +26,7 @@ class Shell {
   sent: Extract<Action, { type: 'send' }>[] = [];
   all: Action[] = [];
   counts: Record<string, number> = {};
-  auto = { log: true, volume: true, bitmap: true, reads: true };
+  auto = { log: true, volume: true, bitmap: true, reads: true, volumeSync: true };
 
   constructor(config: EngineConfig, engine?: Engine) {
     this.engine = engine ?? new Engine(config);
@@ -71,7 +71,7 @@ class Shell {
           if (this.auto.bitmap) later.push(() => this.engine.handleBitmapPersisted(a.checkpointId, this.now));
           break;
         case 'syncVolume':
-          later.push(() => this.engine.handleVolumeSynced(a.syncId, this.now));
+          if (this.auto.volumeSync) later.push(() => this.engine.handleVolumeSynced(a.syncId, this.now));
           break;
         case 'send':
           this.sent.push(a);
@@ -88,6 +88,10 @@ class Shell {
 
   count(type: Action['type']): number {
     return this.counts[type] ?? 0;
+  }
+
+  last<T extends Action['type']>(type: T): Extract<Action, { type: T }> | undefined {
+    return this.all.filter((a): a is Extract<Action, { type: T }> => a.type === type).at(-1);
   }
 }
 
@@ -348,15 +352,118 @@ describe('Engine', () => {
     assert.ok(types.lastIndexOf('send') < types.indexOf('sendBarrier'));
   });
 
-  it('volume durability: a clean region leaves the window only after a volume sync', () => {
+  it('H15: a clean region leaves the window only after a volume sync that followed its write', () => {
     const s = new Shell({ ...base, volumeWritesDurable: false, activityWindowRegions: 1 });
     s.engine.handleConnected(0, 0);
+    s.run();
+    s.auto.volumeSync = false;
     s.write(w(0));
     s.ackAll();
-    s.write(w(64 * KiB)); // over the window: region 0 must leave, after a volume sync
+    s.write(w(64 * KiB)); // region 1: the window of one region is over size
     s.ackAll();
-    assert.ok(s.count('syncVolume') >= 1);
-    assert.ok(!s.engine.isCovered(0) || !s.engine.isCovered(64));
+    assert.equal(s.engine.indicator.count, 0, 'both regions are clean (acked)');
+    assert.ok(s.engine.isCovered(0), 'region 0 stays covered while its write may be only in the page cache');
+    const sync = s.last('syncVolume');
+    assert.ok(sync, 'the over-full window asks for a volume sync');
+    s.engine.handleVolumeSynced(sync.syncId, 0);
+    s.run();
+    assert.ok(!s.engine.isCovered(0), 'once the sync is done, region 0 leaves the window');
+    assert.ok(s.engine.isCovered(1), 'and the window keeps the most recent region');
+  });
+
+  it('H16: a FUA write is a barrier right after it on the stream and completes once durable', () => {
+    const s = new Shell({ ...base, volumeWritesDurable: false });
+    s.engine.handleConnected(0, 0);
+    s.run();
+    s.auto.volumeSync = false;
+    const fua = s.engine.submitTransaction([w(0)], 0, { fua: true });
+    s.run();
+    const completed = () =>
+      s.all.filter((a) => a.type === 'complete').map((a) => (a.type === 'complete' ? a.txId : 0));
+    assert.ok(!completed().includes(fua), 'not complete before the volume sync');
+    s.write(w(128 * KiB)); // issued while the FUA write waits for its sync
+    const stream = s.all
+      .filter((a) => a.type === 'send' || a.type === 'sendBarrier')
+      .map((a) => (a.type === 'send' ? `u${a.updateId}` : `barrier after u${a.afterUpdateId}`));
+    assert.deepEqual(
+      stream,
+      ['u1', 'barrier after u1', 'u2'],
+      'the barrier separates the FUA write from what follows',
+    );
+    const sync = s.last('syncVolume');
+    assert.ok(sync);
+    s.engine.handleVolumeSynced(sync.syncId, 0);
+    s.run();
+    assert.ok(completed().includes(fua), 'complete once its write is durable');
+  });
+
+  it('FLUSH: completes after a volume sync issued after it, and is a barrier on the stream', () => {
+    const s = new Shell({ ...base, volumeWritesDurable: false });
+    s.engine.handleConnected(0, 0);
+    s.run();
+    s.auto.volumeSync = false;
+    s.write(w(0));
+    const flush = s.engine.submitFlush(0);
+    s.run();
+    assert.equal(s.count('flushed'), 0);
+    assert.equal(s.last('sendBarrier')?.afterUpdateId, 1);
+    const sync = s.last('syncVolume');
+    assert.ok(sync);
+    s.engine.handleVolumeSynced(sync.syncId, 0);
+    s.run();
+    assert.equal(s.last('flushed')?.flushId, flush);
+    // Nothing written since: the next FLUSH needs no sync at all.
+    const again = s.engine.submitFlush(0);
+    s.run();
+    assert.equal(s.last('flushed')?.flushId, again);
+  });
+
+  it('H17: no region is read for a resync before the first volume sync after start', () => {
+    const dirty = new IndicatorMap(64);
+    dirty.set(3);
+    const config = { ...base, volumeWritesDurable: false };
+    const engine = new Engine(config, { dirty: dirty.snapshot(), idLimit: 10, logTailLsn: 0, logHeadLsn: 0 });
+    const first = engine.pollActions();
+    const sync = first.find((a) => a.type === 'syncVolume');
+    const persist = first.find((a) => a.type === 'persistBitmap');
+    assert.ok(
+      sync?.type === 'syncVolume' && persist?.type === 'persistBitmap',
+      'a recovered engine syncs the volume first',
+    );
+    engine.handleBitmapPersisted(persist.checkpointId, 0);
+    engine.handleConnected(0, 0);
+    const reads = () => engine.pollActions().filter((a) => a.type === 'readRegion');
+    assert.equal(reads().length, 0, 'a dead process may have left unsynced writes: nothing is read yet');
+    engine.handleVolumeSynced(sync.syncId, 0);
+    assert.equal(reads().length, 1, 'after the sync the resync reads the region');
+  });
+
+  it('a checkpoint does not forget clean regions waiting for their volume sync (no needless resync)', () => {
+    const s = new Shell({ ...base, volumeWritesDurable: false, activityWindowRegions: 64 });
+    s.engine.handleConnected(0, 0);
+    s.run();
+    s.auto.volumeSync = false;
+    s.write(w(0));
+    s.ackAll();
+    s.engine.requestCheckpoint(0);
+    s.run();
+    const dirtyIn = (a: ReturnType<Shell['last']>) =>
+      a?.type === 'persistBitmap' && IndicatorMap.fromBytes(64, a.bitmap).test(0);
+    assert.ok(
+      dirtyIn(s.last('persistBitmap')),
+      'its write may be only in the page cache: dirty for the bitmap',
+    );
+    // The sync it waits for still comes, within the interval, and the next bitmap has it clean.
+    assert.ok(s.engine.nextDeadline() <= 1000, `deadline ${s.engine.nextDeadline()}`);
+    s.now = 1000;
+    s.engine.handleTick(s.now);
+    s.run();
+    const sync = s.last('syncVolume');
+    assert.ok(sync && sync.syncId > 1, 'a volume sync is asked for');
+    s.engine.handleVolumeSynced(sync.syncId, s.now);
+    s.engine.requestCheckpoint(s.now);
+    s.run();
+    assert.ok(!dirtyIn(s.last('persistBitmap')), 'the next bitmap has the region clean');
   });
 
   it('recovery: the first action persists the recovered bitmap; a connect resyncs it', () => {

@@ -6,7 +6,7 @@ import { after, describe, it } from 'node:test';
 import fc from 'fast-check';
 import type { LogRecord } from '../../src/core/records.js';
 import { recordBytes } from '../../src/core/records.js';
-import { NodeBlockFile } from '../../src/io/block-file.js';
+import { type BlockFile, NodeBlockFile } from '../../src/io/block-file.js';
 import {
   decodeRecord,
   encodeHeader,
@@ -35,6 +35,36 @@ class Records {
     this.list.push(r);
     this.lsn += recordBytes(r);
     return r;
+  }
+}
+
+/** A BlockFile whose next sync waits until released (a header write held in flight). */
+class GatedFile implements BlockFile {
+  holdNextSync = false;
+  private resolveHeld: () => void = () => {};
+  held = new Promise<void>((r) => (this.resolveHeld = r));
+  private releaseSync: () => void = () => {};
+  constructor(private readonly disk: SimDisk) {}
+  get size(): number {
+    return this.disk.size;
+  }
+  read(offset: number, length: number): Promise<Uint8Array> {
+    return this.disk.read(offset, length);
+  }
+  write(offset: number, data: Uint8Array): Promise<void> {
+    return this.disk.write(offset, data);
+  }
+  async sync(): Promise<void> {
+    if (this.holdNextSync) {
+      this.holdNextSync = false;
+      const wait = new Promise<void>((r) => (this.releaseSync = r));
+      this.resolveHeld();
+      await wait;
+    }
+    return this.disk.sync();
+  }
+  release(): void {
+    this.releaseSync();
   }
 }
 
@@ -212,6 +242,37 @@ describe('LogFile', () => {
     const { scan } = await LogFile.open(disk);
     assert.equal(scan.tailLsn, rs.list[10].lsn);
     assert.deepEqual(scan.records, rs.list.slice(10));
+  });
+
+  it('records appended while the header write is in flight wait for the next batch (defect 3)', async () => {
+    // The engine freed space (tail move 1), asked for a sync; while the header carrying that tail
+    // is being written, a second checkpoint frees more (tail move 2) and the engine appends into
+    // the space move 2 freed. Those records must not join the batch in flight: its header only
+    // carries move 1, so writing them would overrun records still live by that header.
+    const disk = await fresh(1024);
+    const gated = new GatedFile(disk);
+    const { log } = await LogFile.open(gated);
+    const rs = new Records();
+    while (rs.lsn + 56 <= 1024) log.append(rs.begin([[rs.list.length, 1]]));
+    await log.flush();
+    log.setTail(rs.list[4].lsn, 1); // move 1: four records free
+    log.append(rs.begin([[100, 1]]));
+    const throughLsn = rs.lsn;
+    gated.holdNextSync = true;
+    const batch = log.writeBatch(); // writes the header (move 1), holds at its sync
+    await gated.held;
+    log.setTail(rs.list[12].lsn, 1); // move 2, while the header is in flight
+    while (rs.lsn + 56 - rs.list[12].lsn <= 1024) log.append(rs.begin([[200 + rs.list.length, 1]]));
+    gated.release();
+    const first = await batch;
+    assert.equal(first.throughLsn, throughLsn, 'the batch holds exactly what was appended before the call');
+    await log.syncBatch(first);
+    assert.equal(log.durableLsn, throughLsn);
+    // The next batch carries move 2 first, then the rest; all of it survives a reopen.
+    await log.flush();
+    const { scan } = await LogFile.open(disk);
+    assert.equal(scan.tailLsn, rs.list[12].lsn);
+    assert.deepEqual(scan.records, rs.list.slice(12));
   });
 
   it('leftovers of an earlier boot beyond a torn record never rejoin the log (epochs)', async () => {

@@ -5,6 +5,7 @@ import { ChunkQueue } from '../../src/io/chunk-queue.js';
 import {
   encodeFrame,
   FRAME_HEADER_BYTES,
+  FRAME_PAYLOAD_BYTES_MAX,
   FrameDecoder,
   FrameType,
   type FrameTypeName,
@@ -97,12 +98,39 @@ describe('replication frames', () => {
     );
   });
 
-  it('random bytes never throw and never buffer beyond the frame limit', () => {
+  it('random bytes never throw and never yield a frame', () => {
     fc.assert(
       fc.property(fc.uint8Array({ maxLength: 2000 }), fc.array(fc.nat(), { maxLength: 10 }), (raw, cuts) => {
         const { out } = decodeAll(Buffer.from(raw), cuts);
         assert.equal(out.length, 0);
       }),
+      { seed, numRuns: 500 },
+    );
+  });
+
+  it('never waits for more than the frame limit: a header claiming more is refused before its payload', () => {
+    fc.assert(
+      fc.property(
+        typeName,
+        fc.oneof(
+          fc.nat({ max: FRAME_PAYLOAD_BYTES_MAX }),
+          fc.integer({ min: FRAME_PAYLOAD_BYTES_MAX + 1, max: 0xffffffff }),
+        ),
+        (type, length) => {
+          const [header] = encodeFrame(type, []);
+          header.writeUInt32BE(length, 8);
+          const queue = new ChunkQueue();
+          queue.push(header);
+          const r = new FrameDecoder().next(queue);
+          if (length > FRAME_PAYLOAD_BYTES_MAX) {
+            assert.equal(r?.kind, 'error', `a claim of ${length} bytes must be refused at once`);
+          } else if (length > 0) {
+            assert.equal(r, undefined, 'within the limit it waits for the payload');
+          }
+          // The caller buffers at most header + limit before the decoder yields or refuses.
+          assert.ok(queue.length <= FRAME_HEADER_BYTES + FRAME_PAYLOAD_BYTES_MAX);
+        },
+      ),
       { seed, numRuns: 500 },
     );
   });

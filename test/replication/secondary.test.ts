@@ -132,7 +132,7 @@ describe('secondary', () => {
     }
   });
 
-  it('welcomes the right primary, applies updates in order and acks only what is durable', async () => {
+  it('welcomes the right primary, applies updates in order and acks them (durability: applier-durability.test.ts)', async () => {
     const p = await FakePrimary.connect(port);
     p.hello(volumeId);
     const w = await p.expect((m) => m.type === 'welcome', 'welcome');

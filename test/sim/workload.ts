@@ -124,19 +124,40 @@ export class Workload {
     this.requirementsVersion += 1;
   }
 
+  /** Requests completed (for scripted tests that wait for one). */
+  completedCount = 0;
+
+  /** Submits the given writes as one transaction (scripted tests). */
+  submitExact(
+    node: PrimaryNode,
+    writes: Array<{ firstSector: number; sectors: number; kind: WriteKind }>,
+    fua: boolean,
+    step: () => number,
+    epoch: () => number,
+  ): void {
+    this.send(
+      node,
+      writes.map((w) => ({ first: w.firstSector, n: w.sectors, kind: w.kind })),
+      fua,
+      step,
+      epoch,
+    );
+  }
+
   /** Submits one request to the primary. */
   submit(node: PrimaryNode, prng: Prng, step: () => number, epoch: () => number): void {
-    const incarnation = this.incarnation;
-    const alive = () => incarnation === this.incarnation;
-    this.outstanding += 1;
-    this.submitted += 1;
     const r = prng.next() / 2 ** 32;
     if (r < this.profile.flushShare) {
+      const incarnation = this.incarnation;
+      const alive = () => incarnation === this.incarnation;
+      this.outstanding += 1;
+      this.submitted += 1;
       const issueStep = step();
       this.trace(`client FLUSH`);
       node.flush((err) => {
         if (!alive()) return;
         this.outstanding -= 1;
+        this.completedCount += 1;
         if (err) this.error ??= err;
         else this.completeFlush(issueStep, step());
       });
@@ -145,14 +166,32 @@ export class Workload {
     const library = this.profile.txWritesMax > 1 && r < this.profile.flushShare + 0.2;
     const count = library ? 2 + prng.int(this.profile.txWritesMax - 1) : 1;
     const fua = prng.chance(this.profile.fuaChance);
-    const writes: ClientWrite[] = [];
-    const nodeWrites: NodeWrite[] = [];
+    const picks: Array<{ first: number; n: number; kind: WriteKind }> = [];
     for (let i = 0; i < count; i++) {
       const k = prng.int(100);
       const kind: WriteKind = k < 78 ? 'data' : k < 90 ? 'zero' : 'trim';
       const span = prng.chance(0.25) ? (2 * this.regionSize) / SECTOR_BYTES : 8;
       const first = prng.int(this.sectors);
-      const n = 1 + prng.int(Math.min(span, this.sectors - first));
+      picks.push({ first, n: 1 + prng.int(Math.min(span, this.sectors - first)), kind });
+    }
+    this.send(node, picks, fua, step, epoch);
+  }
+
+  private send(
+    node: PrimaryNode,
+    picks: Array<{ first: number; n: number; kind: WriteKind }>,
+    fua: boolean,
+    step: () => number,
+    epoch: () => number,
+  ): void {
+    const incarnation = this.incarnation;
+    const alive = () => incarnation === this.incarnation;
+    this.outstanding += 1;
+    this.submitted += 1;
+    const count = picks.length;
+    const writes: ClientWrite[] = [];
+    const nodeWrites: NodeWrite[] = [];
+    for (const { first, n, kind } of picks) {
       const w: ClientWrite = {
         seq: ++this.seq,
         kind,
@@ -180,6 +219,7 @@ export class Workload {
     node.submit(nodeWrites, { fua }, (err) => {
       if (!alive()) return;
       this.outstanding -= 1;
+      this.completedCount += 1;
       if (err) this.error ??= err;
       else this.completeWrites(writes, step(), epoch());
     });

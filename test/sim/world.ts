@@ -21,6 +21,7 @@ import {
   type PrimaryNodeConfig,
 } from '../../src/shell/primary-node.js';
 import { INITIAL_REPLICA_STATE, SecondaryNode } from '../../src/shell/secondary-node.js';
+import type { WriteKind } from '../../src/core/engine.js';
 import { Checks } from './checks.js';
 import { Prng } from './prng.js';
 import { SimDisk } from './sim-disk.js';
@@ -73,6 +74,10 @@ const TRACE_LINES = 120;
 export interface SimOptions {
   seed: number;
   steps: number;
+  /** Scripted tests pin what the seed would draw. */
+  syncMode?: boolean;
+  assumeClean?: boolean;
+  profile?: Partial<Profile>;
 }
 
 /** Counts of what a run exercised. */
@@ -156,8 +161,9 @@ export class World {
     this.prng = new Prng(options.seed);
     const p = this.prng;
     this.regionCount = Math.ceil(VOLUME_BYTES / REGION_BYTES);
-    this.syncMode = options.seed % 3 === 0;
+    this.syncMode = options.syncMode ?? options.seed % 3 === 0;
     this.assumeClean = p.chance(0.5);
+    if (options.assumeClean !== undefined) this.assumeClean = options.assumeClean;
     this.profile = {
       queueDepth: p.pick([2, 4, 8, 16]),
       flushShare: p.pick([0.02, 0.1, 0.25]),
@@ -167,6 +173,7 @@ export class World {
       secondaryIoSpeed: p.pick([1, 1, 0.2]),
       burstChance: p.pick([0, 0.3]),
       pauseChance: p.pick([0, 0.02, 0.05]),
+      ...options.profile,
     };
     const logCapacity = p.pick([1024, 1024, 2048]);
     this.logDisk = new SimDisk(LogFile.fileBytes(Math.ceil(logCapacity / 8) * 8));
@@ -575,7 +582,56 @@ export class World {
     this.trace(`converged: volume and replica identical (crc32c ${crc32c(Buffer.from(v)).toString(16)})`);
   }
 
-  private inSync(): boolean {
+  // -----------------------------------------------------------------------------------------------
+  // Scripted tests: the same world, driven step by step without random faults
+
+  /** Formats both sides and starts both nodes. */
+  async begin(): Promise<void> {
+    await this.format();
+    this.startSecondary();
+    this.startPrimary();
+    await settle();
+  }
+
+  /**
+   * Runs without faults, deterministically (I/O first, in order, then the network, then timers),
+   * until `done()`; every invariant is checked after each step. Fails if it does not get there.
+   */
+  async runUntil(done: () => boolean, what: string, maxSteps = 20_000): Promise<void> {
+    for (let i = 0; i < maxSteps; i++) {
+      if (done()) return;
+      this.step += 1;
+      if (this.io.pending.length > 0) {
+        const op = this.io.pending.shift()!;
+        op.finish();
+        this.stats.ioCompleted += 1;
+      } else {
+        const netSteps = this.net.steps();
+        if (netSteps.length > 0) netSteps[0]();
+        else {
+          const next = this.time.nextTimerMs();
+          if (next === Number.POSITIVE_INFINITY) break;
+          this.advance(Math.max(next, this.time.nowMs));
+        }
+      }
+      await this.afterStep();
+    }
+    if (!done()) throw new SimFailure('liveness', `never got to: ${what}: ${this.syncState()}`);
+  }
+
+  /** One client write (or zero/trim) of whole sectors, through the primary; resolves once it completed. */
+  async clientWrite(firstSector: number, sectors: number, kind: WriteKind = 'data', fua = false): Promise<void> {
+    const node = this.primary.node;
+    if (node === undefined) throw new Error('the primary is not up');
+    const before = this.workload.completedCount;
+    this.workload.submitExact(node, [{ firstSector, sectors, kind }], fua, () => this.step, () => {
+      const link = node.status().link;
+      return link?.state === 'streaming' ? link.connections : 0;
+    });
+    await this.runUntil(() => this.workload.completedCount > before, 'the client write to complete');
+  }
+
+  inSync(): boolean {
     const node = this.primary.node;
     if (this.primary.state !== 'up' || this.secondary.state !== 'up' || node === undefined) return false;
     if (this.workload.outstanding > 0 || this.io.pending.length > 0) return false;
