@@ -14,7 +14,7 @@ export {
   type SecondaryStatus,
   startSecondary,
 } from './daemon/secondary.js';
-export { type ErrorCode, VolrepError } from './errors.js';
+export { ERROR_EXIT_CODES, type ErrorCode, EXIT_RUNTIME, EXIT_USAGE, VolrepError } from './errors.js';
 export { NbdClient } from './nbd/client.js';
 export { formatSize, parseSize } from './util/size.js';
 export type { Meta } from './volume/meta.js';

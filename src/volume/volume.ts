@@ -88,14 +88,22 @@ export async function createVolume(opts: CreateOptions): Promise<Meta> {
       `invalid --log-size ${logSize}: must be at least ${formatSize(LOG_SIZE_MIN)}`,
     );
   }
-  const existingMeta = await fsp.stat(path.join(metaDir, META_FILE)).then(
-    () => true,
-    () => false,
-  );
+  // Any metadata file left (say meta.json was lost but the log survived) is metadata to replace.
+  const existing: string[] = [];
+  for (const name of [META_FILE, LOG_FILE, BITMAP_FILE, PAIR_STATE_FILE, REPLICA_STATE_FILE]) {
+    if (
+      await fsp.stat(path.join(metaDir, name)).then(
+        () => true,
+        () => false,
+      )
+    )
+      existing.push(name);
+  }
+  const existingMeta = existing.length > 0;
   if (existingMeta && !opts.force) {
     throw new VolrepError(
       'VOLREP_ERR_EXISTS',
-      `${metaDir} already holds volrep metadata; pass --force to replace it (the replica will need a full sync)`,
+      `${metaDir} already holds volrep metadata (${existing.join(', ')}); pass --force to replace it (the replica will need a full sync)`,
     );
   }
 

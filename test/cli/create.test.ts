@@ -3,7 +3,7 @@
  * existing files, and the one-line, exit-code-2 answer to every user error.
  */
 import assert from 'node:assert/strict';
-import { existsSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { assertUsageError } from '../helpers/clients.js';
@@ -108,6 +108,17 @@ describe('volrep create', { timeout: 60_000 }, () => {
     const second = readMeta(`${volume}.volrep`);
     assert.match(second.volumeId, UUID);
     assert.notEqual(second.volumeId, first.volumeId, '--force makes a new volume id');
+  });
+
+  it('refuses without --force when meta.json is gone but other metadata survives (no silent reformat)', () => {
+    const volume = path.join(tmp.dir, 'm.img');
+    assert.equal(volrep(['create', '--volume', volume, '--size', '1M']).status, 0);
+    const log = path.join(`${volume}.volrep`, 'log');
+    const before = readFileSync(log);
+    rmSync(path.join(`${volume}.volrep`, 'meta.json'));
+    const again = volrep(['create', '--volume', volume, '--size', '1M']);
+    assertUsageError(again, /already holds volrep metadata \(log, bitmap, pair-state\).*--force/);
+    assert.ok(readFileSync(log).equals(before), 'the surviving log is untouched');
   });
 
   it('adopts an existing file of exactly the size, keeping its content', () => {

@@ -23,8 +23,20 @@ import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { VolrepError } from '../../src/errors.js';
 import { Volume } from '../../src/volume/replicated.js';
-import { assertUsageError, createVolumeCli, nbdRoundTrip, type RunResult, volrepAsync } from '../helpers/clients.js';
-import { type Daemon, type SecondaryDaemon, startPrimary, startSecondary, tempDir } from '../helpers/daemon.js';
+import {
+  assertUsageError,
+  createVolumeCli,
+  nbdRoundTrip,
+  type RunResult,
+  volrepAsync,
+} from '../helpers/clients.js';
+import {
+  type Daemon,
+  type SecondaryDaemon,
+  startPrimary,
+  startSecondary,
+  tempDir,
+} from '../helpers/daemon.js';
 
 /** The metadata files `volrep create` writes for each role (besides meta.json). */
 const PRIMARY_FILES = ['log', 'bitmap', 'pair-state'] as const;
@@ -52,7 +64,7 @@ const UNREADABLE: Record<string, { random: RegExp; truncated: RegExp }> = {
   },
 };
 
-function escape(text: string): string {
+function escapeRegExp(text: string): string {
   return text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
 }
 
@@ -119,10 +131,14 @@ describe('a metadata file that is missing or unreadable never means clean', { ti
       const target = path.join(metaDir, file);
       rmSync(target);
       const r = await start(role, volume);
-      assertRefused(r, metaDir, new RegExp(`^volrep: ${escape(target)} is missing \\(`));
+      assertRefused(r, metaDir, new RegExp(`^volrep: ${escapeRegExp(target)} is missing \\(`));
       assert.match(r.stderr, /volrep will not guess its content/);
       assert.match(r.stderr, /volrep create --force/);
-      assert.equal(existsSync(target), false, `${file} must not be re-created (an empty one would read as clean)`);
+      assert.equal(
+        existsSync(target),
+        false,
+        `${file} must not be re-created (an empty one would read as clean)`,
+      );
       // Still refused the second time: the first attempt left nothing that passes for the file.
       assertRefused(await start(role, volume), metaDir, / is missing \(/);
     });
@@ -152,7 +168,7 @@ describe('a metadata file that is missing or unreadable never means clean', { ti
       rmSync(target);
       mkdirSync(target);
       const r = await start(role, volume);
-      assertRefused(r, metaDir, new RegExp(`^volrep: ${escape(target)}: EISDIR`));
+      assertRefused(r, metaDir, new RegExp(`^volrep: ${escapeRegExp(target)}: EISDIR`));
     });
   }
 
@@ -162,7 +178,7 @@ describe('a metadata file that is missing or unreadable never means clean', { ti
       const target = path.join(metaDir, 'meta.json');
       rmSync(target);
       const r = await start(role, volume);
-      assertRefused(r, metaDir, new RegExp(`^volrep: ${escape(target)} not found`));
+      assertRefused(r, metaDir, new RegExp(`^volrep: ${escapeRegExp(target)} not found`));
       assert.equal(existsSync(target), false);
     });
   }

@@ -243,7 +243,9 @@ describe('--mode sync: acknowledged means on the replica', { timeout: 120_000 },
           `frozen (${w.error?.message ?? 'still pending'}): the freeze holds writes back by itself, so ` +
           'the sync test would prove nothing',
       );
-      console.log(`async control: completed ${Math.round(w.doneAtMs! - issuedAt)} ms after issue while frozen`);
+      console.log(
+        `async control: completed ${Math.round(w.doneAtMs! - issuedAt)} ms after issue while frozen`,
+      );
     } finally {
       freezer.resume();
     }

@@ -41,7 +41,18 @@ async function runSeed(seed: number): Promise<void> {
   const stateDisk = new SimDisk(SLOT_FILE_BYTES);
   await SlotFile.format(stateDisk, { lastAppliedUpdate: 0, consistent: true });
   stateDisk.syncSync();
-  const { slots, value } = await SlotFile.open(stateDisk, 'replica-state', (v) => v as ReplicaState);
+  // The state file's writes and syncs wait in the same queue as the replica's: any order.
+  let opened: Awaited<ReturnType<typeof SlotFile.open<ReplicaState>>> | undefined;
+  void SlotFile.open(
+    new SimFile(io, 'secondary', stateDisk, 'replica-state'),
+    'replica-state',
+    (v) => v as ReplicaState,
+  ).then((o) => (opened = o));
+  while (opened === undefined) {
+    io.completeOne(p);
+    await settle();
+  }
+  const { slots, value } = opened;
   const applier = new Applier(new SimDevice(io, 'secondary', replica, 'replica'), slots, value);
   let acked = 0;
   applier.onDurable = (s) => {

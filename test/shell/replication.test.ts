@@ -24,9 +24,7 @@ import { tempDir } from '../helpers/daemon.js';
 const M = 1024 * 1024;
 const silent = pino({ level: 'silent' });
 
-async function pair(
-  size: number,
-): Promise<{
+async function pair(size: number): Promise<{
   dir: string;
   primary: string;
   replica: string;

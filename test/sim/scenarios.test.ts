@@ -18,7 +18,7 @@ async function inSync(w: World, what: string): Promise<void> {
 }
 
 describe('scripted runs of the simulated pair', () => {
-  it('defect 1: kill, restart, resync from the page cache, checkpoint — the dead process\'s writes are synced first (H17)', async () => {
+  it("defect 1: kill, restart, resync from the page cache, checkpoint — the dead process's writes are synced first (H17)", async () => {
     const w = calmWorld();
     await w.begin();
     await inSync(w, 'the pair in sync');
@@ -74,7 +74,8 @@ describe('scripted runs of the simulated pair', () => {
     w.maxAckSeen = 1e9; // as if the primary had heard an ack the replica never made durable
     await assert.rejects(
       w.runUntil(() => false, 'never', 5),
-      (err: unknown) => err instanceof SimFailure && err.kind === 'correctness' && /acked but not durable/.test(err.message),
+      (err: unknown) =>
+        err instanceof SimFailure && err.kind === 'correctness' && /acked but not durable/.test(err.message),
     );
   });
 });

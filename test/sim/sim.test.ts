@@ -10,7 +10,9 @@ import { formatFailure, formatTotals, runSeeds } from './run.js';
 const SEEDS = Number(process.env.VOLREP_SIM_SEEDS ?? 1500);
 
 describe('simulation of the pair under power loss, process kills and link faults', () => {
-  it(`holds every invariant at every step and converges (${SEEDS} seeds)`, { timeout: 600_000 }, async (t) => {
+  it(`holds every invariant at every step and converges (${SEEDS} seeds)`, {
+    timeout: 600_000,
+  }, async (t) => {
     const one = process.env.VOLREP_SEED;
     const totals = one ? await runSeeds(Number(one), 1) : await runSeeds(1, SEEDS);
     t.diagnostic(formatTotals(totals));

@@ -8,6 +8,7 @@
  * converge, and the replica must be byte-identical to the primary.
  */
 import { crc32c } from '@node-rs/crc32';
+import type { WriteKind } from '../../src/core/engine.js';
 import { ChunkQueue } from '../../src/io/chunk-queue.js';
 import { SLOT_FILE_BYTES, SlotFile } from '../../src/io/slot-file.js';
 import { BitmapFile } from '../../src/log/bitmap-file.js';
@@ -21,7 +22,6 @@ import {
   type PrimaryNodeConfig,
 } from '../../src/shell/primary-node.js';
 import { INITIAL_REPLICA_STATE, SecondaryNode } from '../../src/shell/secondary-node.js';
-import type { WriteKind } from '../../src/core/engine.js';
 import { Checks } from './checks.js';
 import { Prng } from './prng.js';
 import { SimDisk } from './sim-disk.js';
@@ -620,14 +620,25 @@ export class World {
   }
 
   /** One client write (or zero/trim) of whole sectors, through the primary; resolves once it completed. */
-  async clientWrite(firstSector: number, sectors: number, kind: WriteKind = 'data', fua = false): Promise<void> {
+  async clientWrite(
+    firstSector: number,
+    sectors: number,
+    kind: WriteKind = 'data',
+    fua = false,
+  ): Promise<void> {
     const node = this.primary.node;
     if (node === undefined) throw new Error('the primary is not up');
     const before = this.workload.completedCount;
-    this.workload.submitExact(node, [{ firstSector, sectors, kind }], fua, () => this.step, () => {
-      const link = node.status().link;
-      return link?.state === 'streaming' ? link.connections : 0;
-    });
+    this.workload.submitExact(
+      node,
+      [{ firstSector, sectors, kind }],
+      fua,
+      () => this.step,
+      () => {
+        const link = node.status().link;
+        return link?.state === 'streaming' ? link.connections : 0;
+      },
+    );
     await this.runUntil(() => this.workload.completedCount > before, 'the client write to complete');
   }
 
