@@ -297,7 +297,7 @@ export class PrimarySession {
 
   sendResyncBegin(): void {
     if (!this.engineConnected) return;
-    this.replicaConsistent = false; // it will be, as soon as it reads this
+    this.replicaConsistent = false; // from the moment it reads this mark until the end is durable
     this.send('resyncBegin', [encodeId(this.lastAcked)]);
   }
 

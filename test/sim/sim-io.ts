@@ -318,7 +318,9 @@ export class SimEnd implements Connection {
   ) {}
 
   write(buffers: readonly Buffer[]): void {
-    if (this.closed || this.other.closed) return;
+    // After a reset nothing more gets through, though the ends have not heard of it yet (TCP
+    // never delivers bytes after a gap).
+    if (this.closed || this.other.closed || this.conn.wasReset) return;
     const chunk = Buffer.concat(buffers as Buffer[]);
     if (chunk.length === 0) return;
     this.conn.network.onSend(this, chunk);
@@ -359,6 +361,8 @@ export class SimConnection {
   readonly acceptor: SimEnd;
   /** Not yet accepted by the listener (connect in progress). */
   establishing = true;
+  /** Reset by the network: both ends will hear of it; no byte goes through any more. */
+  wasReset = false;
 
   constructor(
     readonly network: SimNetwork,
@@ -471,6 +475,7 @@ export class SimNetwork {
   /** A connection reset: both ends lose what is in flight and learn of it. */
   reset(conn: SimConnection): void {
     this.trace(`connection ${conn.id} RESET`);
+    conn.wasReset = true;
     for (const end of [conn.dialer, conn.acceptor]) {
       end.inbound.length = 0;
       end.closeComing ??= 'connection reset';
