@@ -127,6 +127,10 @@ export class LogFile {
         `log file has ${file.size} bytes, less than its ${LOG_DATA_OFFSET}-byte header: not a volrep log or truncated`,
       );
     }
+    // After a process kill the newest header (a tail move) may be only in the page cache. The new
+    // epoch's header goes to the other slot, over the newest durable one: first make what we read
+    // durable, or a power loss could leave no header that knows this epoch's records.
+    await file.sync();
     const header = await readHeader(file);
     if (header.capacity !== file.size - LOG_DATA_OFFSET) {
       throw new VolrepError(

@@ -52,11 +52,18 @@ class GatedFile implements BlockFile {
     return this.disk.read(offset, length);
   }
   write(offset: number, data: Uint8Array): Promise<void> {
+    this.wrote = true;
     return this.disk.write(offset, data);
   }
+  /** Hold the first sync that follows a write (and leave syncs of nothing alone). */
+  holdSyncAfterWrite = false;
+  private wrote = false;
   async sync(): Promise<void> {
-    if (this.holdNextSync) {
+    const afterWrite = this.wrote;
+    this.wrote = false;
+    if (this.holdNextSync || (this.holdSyncAfterWrite && afterWrite)) {
       this.holdNextSync = false;
+      this.holdSyncAfterWrite = false;
       const wait = new Promise<void>((r) => (this.releaseSync = r));
       this.resolveHeld();
       await wait;
@@ -273,6 +280,40 @@ describe('LogFile', () => {
     const { scan } = await LogFile.open(disk);
     assert.equal(scan.tailLsn, rs.list[12].lsn);
     assert.deepEqual(scan.records, rs.list.slice(12));
+  });
+
+  it('a header a killed process left unsynced is made durable before the next open rewrites the other slot', async () => {
+    // Process 1 moves the tail: its header write lands in the page cache, and it is killed before
+    // the sync. Process 2 opens the log, reads that header, and writes its own (new epoch) to the
+    // other slot — the one holding the last durable header. A power loss then must not leave
+    // only a header that predates process 1's epoch (its records would be thrown away).
+    const disk = await fresh(1024);
+    const gated = new GatedFile(disk);
+    const { log } = await LogFile.open(gated); // process 1: epoch 1, its header durable
+    const rs = new Records();
+    for (let i = 0; i < 6; i++) log.append(rs.begin([[i, 1]]));
+    await log.flush();
+    log.setTail(rs.list[2].lsn, 1);
+    log.append(rs.begin([[50, 1]]));
+    gated.holdNextSync = true;
+    void log.writeBatch(); // the tail-move header is written; its sync never comes: killed
+    await gated.held;
+    // Process 2 opens; power is lost right after it wrote its header, before that header's sync.
+    const second = new GatedFile(disk);
+    second.holdSyncAfterWrite = true;
+    void LogFile.open(second);
+    await second.held;
+    // Power loss: what was not synced is gone, and process 2's header write tore its slot.
+    disk.crash(new Prng(1), ['absent']);
+    disk.poke(LOG_HEADER_SLOT_BYTES, new Uint8Array(LOG_HEADER_SLOT_BYTES).fill(0xee));
+    const after = await LogFile.open(disk);
+    assert.deepEqual(
+      after.scan.records
+        .filter((r) => r.type === 'begin')
+        .map((r) => (r.type === 'begin' ? r.ranges[0][0] : -1)),
+      [2, 3, 4, 5],
+      'the records of the killed process are still the log',
+    );
   });
 
   it('leftovers of an earlier boot beyond a torn record never rejoin the log (epochs)', async () => {
