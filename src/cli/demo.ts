@@ -14,8 +14,9 @@ import { type RunningPrimary, startPrimary } from '../daemon/primary.js';
 import { startSecondary } from '../daemon/secondary.js';
 import { VolrepError } from '../errors.js';
 import { NbdClient } from '../nbd/client.js';
+import { nodeIdentity } from '../security/identity.js';
 import { formatSize, parseSize } from '../util/size.js';
-import { createVolume } from '../volume/volume.js';
+import { createVolume, defaultMetaDir } from '../volume/volume.js';
 
 export interface DemoFlags {
   size: string;
@@ -46,10 +47,17 @@ export async function runDemo(flags: DemoFlags): Promise<void> {
     say(
       `created ${primaryPath} and its replica ${replicaPath}: ${formatSize(size)}, regions of ${formatSize(meta.regionSize)}`,
     );
+    // Each side pins the other's certificate, as two hosts would (volrep identity on each).
+    const primaryId = await nodeIdentity(defaultMetaDir(primaryPath));
+    const replicaId = await nodeIdentity(defaultMetaDir(replicaPath));
+    say(
+      `identities: primary ${primaryId.fingerprint.slice(0, 23)}…, replica ${replicaId.fingerprint.slice(0, 23)}… (mutual TLS 1.3)`,
+    );
 
     const secondary = await startSecondary({
       volumePath: replicaPath,
       listen: { host: '127.0.0.1', port: 0 },
+      link: { mode: 'tls', trust: { fingerprints: [primaryId.fingerprint] } },
       logger,
     });
     cleanup.push(() => secondary.close());
@@ -61,6 +69,7 @@ export async function runDemo(flags: DemoFlags): Promise<void> {
       nbd: { host: '127.0.0.1', port: 0 },
       exportName: 'volrep',
       peer: { host: '127.0.0.1', port: link.port },
+      link: { mode: 'tls', trust: { fingerprints: [replicaId.fingerprint] } },
       assumeClean: true,
       logger,
     });

@@ -6,6 +6,8 @@ import { Command, CommanderError, Option } from 'commander';
 import { EXIT_RUNTIME, EXIT_USAGE, VolrepError } from '../errors.js';
 import { runCreate } from './create.js';
 import { runDemo } from './demo.js';
+import { runIdentity } from './identity.js';
+import { collect } from './link-flags.js';
 import { runPrimary } from './primary.js';
 import { runSecondary } from './secondary.js';
 import { runStatus } from './status.js';
@@ -39,8 +41,34 @@ function buildProgram(): Command {
     .option('--meta <dir>', 'metadata directory (default: <volume>.volrep)')
     .option('--nbd <host:port>', 'NBD listen address', '127.0.0.1:10809')
     .option('--export <name>', 'NBD export name', 'volrep')
+    .addOption(
+      new Option('--nbd-tls <mode>', 'NBD over TLS: off, on (the client chooses), require (TLS only)')
+        .choices(['off', 'on', 'require'])
+        .default('off'),
+    )
+    .option('--nbd-tls-cert <file>', "the NBD server's certificate (PEM)")
+    .option('--nbd-tls-key <file>', 'its private key (mode 0600)')
+    .option('--nbd-tls-ca <file>', 'require NBD client certificates signed by this CA (PEM)')
+    .option('--nbd-insecure', 'serve NBD without required TLS on a non-loopback address', false)
     .option('--http <host:port>', 'serve /status and /metrics on this address')
-    .option('--peer <host:port>', 'replicate to the secondary at this address (loopback only for now)')
+    .option(
+      '--peer <host:port>',
+      'replicate to the secondary at this address (over TLS: see --peer-fingerprint)',
+    )
+    .option(
+      '--peer-fingerprint <fingerprint>',
+      "the secondary's certificate fingerprint, as 'volrep identity' prints it there (repeatable)",
+      collect,
+      [],
+    )
+    .option('--tls-ca <file>', 'trust a secondary whose certificate this CA (PEM) signed')
+    .option('--tls-cert <file>', "this node's certificate (PEM) instead of its generated identity")
+    .option('--tls-key <file>', 'the private key of --tls-cert (mode 0600)')
+    .option(
+      '--insecure-plaintext',
+      'no TLS on the replication link (loopback only; the secondary too)',
+      false,
+    )
     .addOption(
       new Option('--mode <mode>', 'async: complete writes locally; sync: after the secondary acks')
         .choices(['async', 'sync'])
@@ -62,9 +90,26 @@ function buildProgram(): Command {
     .description("receive a primary's replication stream and apply it to the replica")
     .requiredOption('--volume <path>', 'replica volume file or block device')
     .option('--meta <dir>', 'metadata directory (default: <volume>.volrep)')
-    .option('--listen <host:port>', 'replication listen address (loopback only for now)', '127.0.0.1:10810')
+    .option('--listen <host:port>', 'replication listen address', '127.0.0.1:10810')
     .option('--http <host:port>', 'serve /status and /metrics on this address')
+    .option(
+      '--allow-peer <fingerprint>',
+      "accept the primary with this certificate fingerprint ('volrep identity' prints it there; repeatable)",
+      collect,
+      [],
+    )
+    .option('--tls-ca <file>', 'accept a primary whose certificate this CA (PEM) signed')
+    .option('--tls-cert <file>', "this node's certificate (PEM) instead of its generated identity")
+    .option('--tls-key <file>', 'the private key of --tls-cert (mode 0600)')
+    .option('--insecure-plaintext', 'no TLS on the replication link (loopback only; the primary too)', false)
     .action(runSecondary);
+
+  program
+    .command('identity')
+    .description("print this node's certificate fingerprint, to give to its peer")
+    .option('--volume <path>', 'the volume whose metadata directory holds the identity')
+    .option('--meta <dir>', 'the metadata directory')
+    .action(runIdentity);
 
   program
     .command('status')

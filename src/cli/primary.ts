@@ -3,6 +3,7 @@ import { startPrimary } from '../daemon/primary.js';
 import { VolrepError } from '../errors.js';
 import { parseHostPort } from '../util/address.js';
 import { parseDuration, parseSize } from '../util/size.js';
+import { linkOptions } from './link-flags.js';
 
 export interface PrimaryFlags {
   volume: string;
@@ -17,6 +18,16 @@ export interface PrimaryFlags {
   ackTimeout: string;
   window: string;
   assumeClean: boolean;
+  peerFingerprint: string[];
+  nbdTls: 'off' | 'on' | 'require';
+  nbdTlsCert?: string;
+  nbdTlsKey?: string;
+  nbdTlsCa?: string;
+  nbdInsecure: boolean;
+  tlsCa?: string;
+  tlsCert?: string;
+  tlsKey?: string;
+  insecurePlaintext: boolean;
 }
 
 /** Runs until SIGINT/SIGTERM, then stops gracefully; a second signal exits at once. */
@@ -28,12 +39,48 @@ export async function runPrimary(flags: PrimaryFlags): Promise<void> {
   const ackTimeoutMs = parseDuration(flags.ackTimeout, '--ack-timeout');
   const windowBytes = parseSize(flags.window, '--window');
   if (windowBytes < 64 * 1024) throw new VolrepError('VOLREP_ERR_SIZE', '--window must be at least 64K');
+  const link = peer
+    ? await linkOptions({ ...flags, fingerprints: flags.peerFingerprint }, 'primary')
+    : undefined;
+  if (
+    !peer &&
+    (flags.peerFingerprint.length > 0 || flags.tlsCa || flags.tlsCert || flags.insecurePlaintext)
+  ) {
+    throw new VolrepError(
+      'VOLREP_ERR_USAGE',
+      'the replication link flags (--peer-fingerprint, --tls-*, --insecure-plaintext) need --peer',
+    );
+  }
+  if (flags.nbdTls !== 'off' && (flags.nbdTlsCert === undefined || flags.nbdTlsKey === undefined)) {
+    throw new VolrepError(
+      'VOLREP_ERR_USAGE',
+      `--nbd-tls ${flags.nbdTls} needs --nbd-tls-cert and --nbd-tls-key`,
+    );
+  }
+  if (flags.nbdTls === 'off' && (flags.nbdTlsCert || flags.nbdTlsKey || flags.nbdTlsCa)) {
+    throw new VolrepError(
+      'VOLREP_ERR_USAGE',
+      '--nbd-tls-cert, --nbd-tls-key and --nbd-tls-ca need --nbd-tls on or require',
+    );
+  }
+  const nbdTls =
+    flags.nbdTls === 'off'
+      ? undefined
+      : {
+          mode: flags.nbdTls,
+          certFile: flags.nbdTlsCert!,
+          keyFile: flags.nbdTlsKey!,
+          caFile: flags.nbdTlsCa,
+        };
   const logger = createLogger('volrep-primary');
   const signals = new StopSignals(logger);
   const primary = await startPrimary({
     onFailure: (err) => signals.fail(err),
     activityWindowBytes,
     peer,
+    link,
+    nbdTls,
+    nbdInsecure: flags.nbdInsecure,
     mode: flags.mode,
     ackTimeoutMs,
     windowBytes,

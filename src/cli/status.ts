@@ -27,7 +27,16 @@ type Status = Record<string, unknown> & {
   pendingUpdates?: number;
   pendingBytes?: number;
   log?: { usedBytes: number; capacityBytes: number; activeTransactions: number };
-  peer?: { address: string | null; state: string };
+  peer?: {
+    address: string | null;
+    state: string;
+    tls?: boolean;
+    fingerprint?: string | null;
+    self?: string | null;
+  };
+  /** The secondary's own fingerprint and TLS (the primary's are in peer.self and peer.tls). */
+  tls?: boolean;
+  fingerprint?: string | null;
   resync?: { totalBytes: number; doneBytes: number; bytesPerSecond: number };
   replica?: { consistent: boolean; lastAckedUpdate: number };
   lastAppliedUpdate?: number;
@@ -96,7 +105,15 @@ export function render(s: Status): string {
       `volume      ${v.path} (${formatSize(v.size)}, regions of ${formatSize(v.regionSize)}, id ${v.id})`,
     );
   if (s.nbd) lines.push(`nbd         ${s.nbd.address}, ${s.nbd.connections} client(s)`);
-  if (s.peer) lines.push(`peer        ${s.peer.address ?? '-'}: ${s.peer.state}`);
+  if (s.peer) {
+    const tls = s.peer.tls ?? s.tls;
+    lines.push(
+      `peer        ${s.peer.address ?? '-'}: ${s.peer.state}${tls === false ? ' (PLAINTEXT)' : tls ? ' (TLS)' : ''}`,
+    );
+    if (s.peer.fingerprint) lines.push(`peer cert   ${s.peer.fingerprint}`);
+    const self = s.peer.self ?? s.fingerprint;
+    if (self) lines.push(`this node   ${self}`);
+  }
   if (s.dirtyRegions !== undefined) {
     lines.push(`dirty       ${s.dirtyRegions} region(s), ${human(s.dirtyBytes ?? 0)}`);
     lines.push(`in flight   ${s.pendingUpdates ?? 0} update(s), ${human(s.pendingBytes ?? 0)}`);

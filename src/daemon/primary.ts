@@ -3,18 +3,27 @@
  * over NBD, replicates over TCP if given a peer, and serves status and metrics over HTTP if
  * asked. It only wires files, sockets and timers to the node (src/shell/primary-node.ts).
  */
+import { promises as fsp } from 'node:fs';
 import path from 'node:path';
+import tls from 'node:tls';
 import type { Logger } from 'pino';
 import { Counter, Gauge } from 'prom-client';
+import { VolrepError } from '../errors.js';
 import { tcpDialer } from '../io/net.js';
-import { NbdServer } from '../nbd/server.js';
+import { type LinkSecurity, tlsDialer } from '../io/tls.js';
+import type { Dialer } from '../io/transport.js';
+import type { NbdTlsMode } from '../nbd/handshake.js';
+import { NbdServer, type NbdTls } from '../nbd/server.js';
+import { identityName, loadIdentity } from '../security/identity.js';
 import type { PrimaryNodeStatus } from '../shell/primary-node.js';
 import { formatHostPort, type HostPort } from '../util/address.js';
-import { requireLoopback } from '../util/loopback.js';
+import { isLoopback } from '../util/loopback.js';
 import { FileDevice } from '../volume/file-device.js';
+import { readMeta } from '../volume/meta.js';
 import { DEFAULT_ACK_TIMEOUT_MS, Volume, type VolumeStatus } from '../volume/replicated.js';
-import { VolumeFile } from '../volume/volume.js';
+import { defaultMetaDir, VolumeFile } from '../volume/volume.js';
 import { startHttp } from './http.js';
+import { type LinkSecurityOptions, resolveLinkSecurity } from './link-security.js';
 import { listenError } from './listen-error.js';
 import { Metrics } from './metrics.js';
 
@@ -23,12 +32,18 @@ export interface PrimaryOptions {
   metaDir?: string;
   nbd: HostPort;
   exportName: string;
+  /** NBD over TLS (NBD_OPT_STARTTLS); off by default. */
+  nbdTls?: NbdTlsOptions;
+  /** Serve NBD without TLS on a non-loopback address anyway. */
+  nbdInsecure?: boolean;
   http?: HostPort;
   /** Serve without the engine and refuse writes. */
   readOnly?: boolean;
   activityWindowBytes?: number;
-  /** Replicate to this secondary (loopback only until replication is authenticated). */
+  /** Replicate to this secondary. */
   peer?: HostPort;
+  /** With a peer: whom to trust over TLS (the default), or plaintext on loopback. */
+  link?: LinkSecurityOptions;
   mode?: 'async' | 'sync';
   ackTimeoutMs?: number;
   /** Bytes of updates in flight to the secondary before writes wait. */
@@ -50,7 +65,8 @@ export interface RunningPrimary {
 export type PeerState = 'connecting' | 'connected' | 'resyncing' | 'disconnected';
 
 export interface ReplicationStatus {
-  peer: { address: string; state: PeerState };
+  /** `tls`: the link is TLS; `fingerprint`: the secondary's certificate, once verified; `self`: this node's. */
+  peer: { address: string; state: PeerState; tls: boolean; fingerprint: string | null; self: string | null };
   resync: { totalBytes: number; doneBytes: number; bytesPerSecond: number };
   replica: { consistent: boolean; lastAckedUpdate: number };
 }
@@ -66,17 +82,42 @@ interface Served {
   file: VolumeFile;
   device: FileDevice | Volume['device'];
   volume?: Volume;
+  security?: LinkSecurity;
   close(): Promise<void>;
 }
 
-async function openServed(opts: PrimaryOptions): Promise<Served> {
+async function openServed(opts: PrimaryOptions, authFailures: { count: number }): Promise<Served> {
   if (opts.readOnly) {
     const file = await VolumeFile.open(opts.volumePath, { metaDir: opts.metaDir, readOnly: true });
     const device = new FileDevice(file.fd, file.size, true);
     return { file, device, close: () => file.close() };
   }
-  if (opts.peer) requireLoopback(opts.peer.host, '--peer');
   const peer = opts.peer;
+  let dialer: Dialer | undefined;
+  let security: LinkSecurity | undefined;
+  if (peer) {
+    if (opts.link === undefined)
+      throw new VolrepError('VOLREP_ERR_USAGE', '--peer needs to know how to trust the secondary');
+    const metaDir = opts.metaDir ?? defaultMetaDir(opts.volumePath);
+    const meta = await readMeta(metaDir);
+    security = await resolveLinkSecurity(
+      opts.link,
+      metaDir,
+      identityName('primary', meta.volumeId),
+      peer,
+      '--peer',
+      opts.logger,
+    );
+    dialer = security
+      ? tlsDialer(peer.host, peer.port, security, (f) => {
+          authFailures.count += 1;
+          opts.logger.warn(
+            { peer: f.remote, fingerprint: f.fingerprint, reason: f.reason },
+            'replication connection refused',
+          );
+        })
+      : tcpDialer(peer.host, peer.port);
+  }
   const volume = await Volume.open(opts.volumePath, {
     metaDir: opts.metaDir,
     activityWindowBytes: opts.activityWindowBytes,
@@ -85,11 +126,9 @@ async function openServed(opts: PrimaryOptions): Promise<Served> {
     syncMode: opts.mode === 'sync',
     logger: opts.logger,
     onFailure: opts.onFailure,
-    link: peer
-      ? { dialer: tcpDialer(peer.host, peer.port), assumeClean: opts.assumeClean ?? false }
-      : undefined,
+    link: dialer ? { dialer, assumeClean: opts.assumeClean ?? false } : undefined,
   });
-  return { file: volume.file, device: volume.device, volume, close: () => volume.close() };
+  return { file: volume.file, device: volume.device, volume, security, close: () => volume.close() };
 }
 
 /** The peer's state for a person: connecting, connected (in sync or streaming), resyncing, disconnected. */
@@ -107,15 +146,56 @@ function peerState(link: NonNullable<PrimaryNodeStatus['link']>): PeerState {
   }
 }
 
+export interface NbdTlsOptions {
+  mode: NbdTlsMode;
+  certFile: string;
+  keyFile: string;
+  /** Require client certificates signed by this CA (PEM file). */
+  caFile?: string;
+}
+
+/** The NBD server's TLS, checked before anything is opened: the key private, the files readable. */
+async function nbdTls(opts: PrimaryOptions): Promise<NbdTls | undefined> {
+  const mode = opts.nbdTls?.mode ?? 'off';
+  if (mode !== 'require' && !isLoopback(opts.nbd.host)) {
+    if (!opts.nbdInsecure) {
+      throw new VolrepError(
+        'VOLREP_ERR_ADDRESS',
+        `--nbd ${formatHostPort(opts.nbd)} is not a loopback address and NBD is not TLS-only: add --nbd-tls require with --nbd-tls-cert and --nbd-tls-key, or --nbd-insecure to serve it in the clear anyway`,
+      );
+    }
+    opts.logger.warn(
+      { nbd: formatHostPort(opts.nbd), tls: mode },
+      'serving NBD without required TLS on a non-loopback address (--nbd-insecure)',
+    );
+  }
+  if (mode === 'off' || opts.nbdTls === undefined) return undefined;
+  const identity = await loadIdentity(opts.nbdTls.certFile, opts.nbdTls.keyFile);
+  let ca: string | undefined;
+  if (opts.nbdTls.caFile !== undefined) {
+    ca = await fsp.readFile(opts.nbdTls.caFile, 'utf8').catch((err: Error) => {
+      throw new VolrepError('VOLREP_ERR_NOT_FOUND', `--nbd-tls-ca ${opts.nbdTls?.caFile}: ${err.message}`);
+    });
+  }
+  return {
+    mode,
+    context: tls.createSecureContext({ key: identity.key, cert: identity.cert, ca, minVersion: 'TLSv1.2' }),
+    requestCert: ca !== undefined,
+  };
+}
+
 export async function startPrimary(opts: PrimaryOptions): Promise<RunningPrimary> {
-  const served = await openServed(opts);
+  const nbdTlsConfig = await nbdTls(opts);
+  const authFailures = { count: 0 };
+  const served = await openServed(opts, authFailures);
   const { file, volume } = served;
   const metrics = new Metrics();
-  if (volume) registerEngineMetrics(metrics, volume);
+  if (volume) registerEngineMetrics(metrics, volume, authFailures);
   const nbd = new NbdServer(served.device, {
     exportName: opts.exportName,
     logger: opts.logger,
     stats: metrics,
+    tls: nbdTlsConfig,
   });
   let nbdAddress: string;
   try {
@@ -132,7 +212,13 @@ export async function startPrimary(opts: PrimaryOptions): Promise<RunningPrimary
     const seconds = (performance.now() - s.resync.startedAtMs) / 1000;
     const done = Math.min(s.resync.totalBytes, s.resync.doneBytes);
     return {
-      peer: { address: formatHostPort(opts.peer), state },
+      peer: {
+        address: formatHostPort(opts.peer),
+        state,
+        tls: served.security !== undefined,
+        fingerprint: s.connection?.fingerprint ?? null,
+        self: served.security?.identity.fingerprint ?? null,
+      },
       resync: {
         totalBytes: s.resync.totalBytes,
         doneBytes: done,
@@ -177,11 +263,19 @@ export async function startPrimary(opts: PrimaryOptions): Promise<RunningPrimary
       nbd: nbdAddress,
       http: httpAddress,
       peer: opts.peer,
+      replicationTls: opts.peer ? served.security !== undefined : undefined,
+      fingerprint: served.security?.identity.fingerprint,
+      nbdTls: opts.nbdTls?.mode ?? 'off',
       mode: opts.mode,
       recovery: volume?.recovery,
     },
     'primary serving',
   );
+  if (opts.peer && served.security === undefined) {
+    opts.logger.warn(
+      'replication link in plaintext (--insecure-plaintext): no authentication, no encryption',
+    );
+  }
 
   let closing: Promise<void> | undefined;
   return {
@@ -201,7 +295,7 @@ export async function startPrimary(opts: PrimaryOptions): Promise<RunningPrimary
 }
 
 /** Gauges read from the node when /metrics is scraped, counters from its tallies. */
-function registerEngineMetrics(metrics: Metrics, volume: Volume): void {
+function registerEngineMetrics(metrics: Metrics, volume: Volume, authFailures: { count: number }): void {
   const registers = [metrics.registry];
   const node = () => volume.node.status();
   const counters = volume.node.counters;
@@ -251,6 +345,11 @@ function registerEngineMetrics(metrics: Metrics, volume: Volume): void {
   );
   tally('volrep_acks_total', 'Acks received from the secondary', () => counters.acks);
   tally('volrep_reconnects_total', 'Reconnections after a lost link', () => node().link?.reconnects ?? 0);
+  tally(
+    'volrep_peer_auth_failures_total',
+    'Replication connections refused: the secondary presented an unknown, wrong or expired certificate, or the TLS handshake failed',
+    () => authFailures.count,
+  );
   gauge('volrep_peer_connected', '1 while connected to the secondary', () =>
     node().link?.state === 'streaming' ? 1 : 0,
   );

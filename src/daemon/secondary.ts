@@ -1,23 +1,24 @@
 /**
  * The secondary daemon: opens and locks the replica, listens for the primary's replication
- * stream and hands each connection to the node (src/shell/secondary-node.ts), and serves status
- * over HTTP if asked.
+ * stream (TLS with the peers it trusts, or plaintext on loopback when asked), hands each
+ * authenticated connection to the node (src/shell/secondary-node.ts), and serves status over
+ * HTTP if asked.
  */
-import net from 'node:net';
+import type net from 'node:net';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import { Counter, Gauge } from 'prom-client';
 import { VolrepError } from '../errors.js';
 import type { NodeBlockFile } from '../io/block-file.js';
 import { systemClock } from '../io/clock.js';
-import { socketConnection } from '../io/net.js';
-import type { ConnectionEvents } from '../io/transport.js';
+import { type LinkSecurity, replicationListener } from '../io/tls.js';
+import { identityName } from '../security/identity.js';
 import { SecondaryNode } from '../shell/secondary-node.js';
 import { formatHostPort, type HostPort } from '../util/address.js';
-import { requireLoopback } from '../util/loopback.js';
 import { FileDevice } from '../volume/file-device.js';
 import { openMetadataFile, REPLICA_STATE_FILE, VolumeFile } from '../volume/volume.js';
 import { startHttp } from './http.js';
+import { type LinkSecurityOptions, resolveLinkSecurity } from './link-security.js';
 import { listenError } from './listen-error.js';
 import { Metrics } from './metrics.js';
 
@@ -26,6 +27,8 @@ export interface SecondaryOptions {
   metaDir?: string;
   listen: HostPort;
   http?: HostPort;
+  /** Whom to accept over TLS (the default), or plaintext on loopback. */
+  link: LinkSecurityOptions;
   logger: Logger;
   /** The replica failed (an I/O error): the daemon should stop and exit non-zero. */
   onFailure?: (err: Error) => void;
@@ -35,7 +38,10 @@ export interface SecondaryStatus {
   role: 'secondary';
   volume: { path: string; id: string; size: number; regionSize: number };
   listen: string;
-  peer: { address: string | null; state: 'waiting' | 'connected' };
+  /** This node's certificate fingerprint and whether the link is TLS. */
+  tls: boolean;
+  fingerprint: string | null;
+  peer: { address: string | null; state: 'waiting' | 'connected'; tls: boolean; fingerprint: string | null };
   lastAppliedUpdate: number;
   consistent: boolean;
 }
@@ -43,15 +49,17 @@ export interface SecondaryStatus {
 export interface RunningSecondary {
   listenAddress: string;
   httpAddress?: string;
+  /** This node's certificate fingerprint (null in plaintext). */
+  fingerprint: string | null;
   status(): SecondaryStatus;
   close(): Promise<void>;
 }
 
 export async function startSecondary(opts: SecondaryOptions): Promise<RunningSecondary> {
-  requireLoopback(opts.listen.host, '--listen');
   const volume = await VolumeFile.open(opts.volumePath, { metaDir: opts.metaDir });
   let stateFile: NodeBlockFile | undefined;
   let node: SecondaryNode;
+  let security: LinkSecurity | undefined;
   try {
     if (volume.meta.role !== 'secondary') {
       throw new VolrepError(
@@ -59,6 +67,14 @@ export async function startSecondary(opts: SecondaryOptions): Promise<RunningSec
         `${opts.volumePath} was created as a primary; create the replica with 'volrep create --secondary-of <primary volume id>'`,
       );
     }
+    security = await resolveLinkSecurity(
+      opts.link,
+      volume.metaDir,
+      identityName('secondary', volume.meta.volumeId),
+      opts.listen,
+      '--listen',
+      opts.logger,
+    );
     stateFile = await openMetadataFile(
       volume.metaDir,
       REPLICA_STATE_FILE,
@@ -96,15 +112,22 @@ export async function startSecondary(opts: SecondaryOptions): Promise<RunningSec
       this.inc(node.counters.acks);
     },
   });
+  const authFailures = new Counter({
+    name: 'volrep_peer_auth_failures_total',
+    help: 'Replication connections refused: unknown, wrong or expired certificate, no TLS, a handshake that failed or took too long',
+    registers: [metrics.registry],
+  });
 
-  const server = net.createServer({ noDelay: true }, (socket) => {
-    let events: ConnectionEvents | undefined;
-    const connection = socketConnection(socket, {
-      open: () => {},
-      data: (chunk) => events?.data(chunk),
-      close: (reason) => events?.close(reason),
-    });
-    events = node.accept(connection);
+  const server: net.Server = replicationListener({
+    security,
+    onRefused: (f) => {
+      authFailures.inc();
+      opts.logger.warn(
+        { peer: f.remote, fingerprint: f.fingerprint, reason: f.reason },
+        'replication connection refused',
+      );
+    },
+    onConnection: (connection) => node.accept(connection),
   });
   const closeStorage = async () => {
     await node.close();
@@ -127,6 +150,7 @@ export async function startSecondary(opts: SecondaryOptions): Promise<RunningSec
     await closeStorage();
     throw listenError(err, 'replication', opts.listen);
   }
+  const fingerprint = security?.identity.fingerprint ?? null;
   const status = (): SecondaryStatus => ({
     role: 'secondary',
     volume: {
@@ -136,6 +160,8 @@ export async function startSecondary(opts: SecondaryOptions): Promise<RunningSec
       regionSize: volume.meta.regionSize,
     },
     listen: listenAddress,
+    tls: security !== undefined,
+    fingerprint,
     ...node.status(),
   });
   let http: Awaited<ReturnType<typeof startHttp>> | undefined;
@@ -150,13 +176,25 @@ export async function startSecondary(opts: SecondaryOptions): Promise<RunningSec
   }
   const httpAddress = http && formatHostPort({ host: http.address.address, port: http.address.port });
   opts.logger.info(
-    { volume: volume.path, listen: listenAddress, http: httpAddress, ...node.status() },
+    {
+      volume: volume.path,
+      listen: listenAddress,
+      http: httpAddress,
+      tls: security !== undefined,
+      fingerprint,
+      ...node.status(),
+    },
     'secondary serving',
   );
+  if (security === undefined)
+    opts.logger.warn(
+      'replication link in plaintext (--insecure-plaintext): no authentication, no encryption',
+    );
   let closing: Promise<void> | undefined;
   return {
     listenAddress,
     httpAddress,
+    fingerprint,
     status,
     close() {
       closing ??= (async () => {

@@ -1,4 +1,4 @@
-/** The transport over node:net: TCP connections to and from the peer. */
+/** The transport over node:net: TCP connections to and from the peer (plaintext; TLS in tls.ts). */
 import net from 'node:net';
 import type { Connection, ConnectionEvents, Dialer } from './transport.js';
 
@@ -11,10 +11,13 @@ export function socketConnection(socket: net.Socket, events: ConnectionEvents): 
     reason = err.message;
   });
   socket.on('close', () => events.close(reason));
+  const remote = `${socket.remoteAddress}:${socket.remotePort}`;
   return {
     get remote() {
-      return `${socket.remoteAddress}:${socket.remotePort}`;
+      return socket.remoteAddress === undefined ? remote : `${socket.remoteAddress}:${socket.remotePort}`;
     },
+    secure: false,
+    peerFingerprint: null,
     write(buffers) {
       if (socket.destroyed) return;
       socket.cork();

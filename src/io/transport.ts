@@ -6,6 +6,10 @@
 export interface Connection {
   /** Peer address, for logs and status. */
   readonly remote: string;
+  /** Over TLS, with the peer's certificate checked. */
+  readonly secure: boolean;
+  /** The SHA-256 fingerprint of the peer's certificate (TLS), for status and logs. */
+  readonly peerFingerprint: string | null;
   /** Queues bytes to send, in order (never blocks; the caller bounds what it queues). */
   write(buffers: readonly Buffer[]): void;
   /** Ends the connection at once, dropping what is not sent yet; `close` follows on its events. */

@@ -3,6 +3,12 @@
  * out (buffers to send) and, at the end, an outcome. Every malformed input either gets an option
  * error reply (the client may carry on) or ends the negotiation with a reason (the connection is
  * closed); nothing here throws on bad input.
+ *
+ * TLS (doc/proto.md, "TLS support"): with `tls: 'off'` STARTTLS gets NBD_REP_ERR_POLICY; with
+ * 'on' a client may upgrade (SELECTIVETLS with no TLS-only export); with 'require' every option
+ * but STARTTLS and ABORT gets NBD_REP_ERR_TLS_REQD until it does, and EXPORT_NAME (which cannot
+ * be answered with an error) ends the session (FORCEDTLS). An accepted STARTTLS is the outcome
+ * 'starttls': the server upgrades the socket, calls tlsStarted(), and feeds it on.
  */
 import type { ChunkQueue } from '../io/chunk-queue.js';
 import * as P from './protocol.js';
@@ -23,9 +29,13 @@ export interface NegotiatedSession {
 
 export type HandshakeOutcome =
   | { kind: 'transmission'; session: NegotiatedSession }
+  /** Send the output (the ACK), then upgrade the connection to TLS and call tlsStarted(). */
+  | { kind: 'starttls' }
   | { kind: 'close'; reason: string; clientError: boolean };
 
-type State = 'awaitClientFlags' | 'awaitOption' | 'finished';
+export type NbdTlsMode = 'off' | 'on' | 'require';
+
+type State = 'awaitClientFlags' | 'awaitOption' | 'upgrading' | 'finished';
 
 /** Context id we hand out for base:allocation; any non-zero value would do. */
 const BASE_ALLOCATION_CONTEXT_ID = 1;
@@ -37,10 +47,20 @@ export class Handshake {
   private baseAllocationId = 0;
   private readonly output: Buffer[] = [];
 
+  private tls = false;
+
   constructor(
     private readonly exp: ExportInfo,
     private readonly isShuttingDown: () => boolean = () => false,
+    private readonly tlsMode: NbdTlsMode = 'off',
   ) {}
+
+  /** The connection is now TLS: negotiation goes on over it. */
+  tlsStarted(): void {
+    if (this.state !== 'upgrading') throw new Error('tlsStarted() without an accepted STARTTLS');
+    this.tls = true;
+    this.state = 'awaitOption';
+  }
 
   /** The server's opening bytes: magic, IHAVEOPT, handshake flags. */
   greeting(): Buffer {
@@ -57,7 +77,7 @@ export class Handshake {
    */
   receive(queue: ChunkQueue): { output: Buffer[]; outcome?: HandshakeOutcome } {
     let outcome: HandshakeOutcome | undefined;
-    while (outcome === undefined && this.state !== 'finished') {
+    while (outcome === undefined && this.state !== 'finished' && this.state !== 'upgrading') {
       if (this.state === 'awaitClientFlags') {
         if (queue.length < 4) break;
         outcome = this.onClientFlags(queue.take(4).readUInt32BE(0));
@@ -103,7 +123,16 @@ export class Handshake {
       this.reply(option, P.REP_ERR_SHUTDOWN, 'server is shutting down');
       return this.close('server is shutting down', false);
     }
+    if (this.tlsMode === 'require' && !this.tls && option !== P.OPT_STARTTLS && option !== P.OPT_ABORT) {
+      // FORCEDTLS: nothing but STARTTLS before TLS; EXPORT_NAME cannot be refused, only cut.
+      if (option === P.OPT_EXPORT_NAME)
+        return this.close('NBD_OPT_EXPORT_NAME before TLS, which this server requires', true);
+      this.reply(option, P.REP_ERR_TLS_REQD, 'this server requires TLS: send NBD_OPT_STARTTLS first');
+      return undefined;
+    }
     switch (option) {
+      case P.OPT_STARTTLS:
+        return this.onStartTls(data);
       case P.OPT_EXPORT_NAME:
         return this.onExportName(data);
       case P.OPT_ABORT:
@@ -130,6 +159,18 @@ export class Handshake {
         this.reply(option, P.REP_ERR_UNSUP, `option ${option} is not supported`);
         return undefined;
     }
+  }
+
+  private onStartTls(data: Buffer): HandshakeOutcome | undefined {
+    if (this.tlsMode === 'off') {
+      this.reply(P.OPT_STARTTLS, P.REP_ERR_POLICY, 'TLS is not enabled on this server (--nbd-tls)');
+      return undefined;
+    }
+    if (this.tls) return this.invalid(P.OPT_STARTTLS, 'TLS is already running');
+    if (data.length !== 0) return this.invalid(P.OPT_STARTTLS, 'NBD_OPT_STARTTLS takes no data');
+    this.reply(P.OPT_STARTTLS, P.REP_ACK);
+    this.state = 'upgrading';
+    return { kind: 'starttls' };
   }
 
   private onExportName(data: Buffer): HandshakeOutcome {

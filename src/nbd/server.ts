@@ -5,10 +5,11 @@
  * connection only.
  */
 import net from 'node:net';
+import tls from 'node:tls';
 import type { Logger } from 'pino';
 import type { BlockDevice } from '../io/block-device.js';
 import { ChunkQueue } from '../io/chunk-queue.js';
-import { type ExportInfo, Handshake, type NegotiatedSession } from './handshake.js';
+import { type ExportInfo, Handshake, type NbdTlsMode, type NegotiatedSession } from './handshake.js';
 import * as P from './protocol.js';
 import { encodeBlockStatus, encodeReply, readReplyPrefixBytes, writeReadReplyPrefix } from './replies.js';
 import { type Request, RequestParser } from './requests.js';
@@ -34,6 +35,16 @@ export interface NbdServerOptions {
   description?: string;
   logger: Logger;
   stats?: RequestStats;
+  /** NBD_OPT_STARTTLS: off (refused), on (the client's choice), require (nothing else before it). */
+  tls?: NbdTls;
+}
+
+export interface NbdTls {
+  mode: NbdTlsMode;
+  /** The server's certificate and key (and a CA to verify client certificates against, if any). */
+  context: tls.SecureContext;
+  /** Client certificates are required and must verify against the context's CA. */
+  requestCert: boolean;
 }
 
 export class NbdServer {
@@ -95,6 +106,7 @@ export class NbdServer {
       log,
       this.opts.stats,
       () => this.shuttingDown,
+      this.opts.tls,
     );
     this.connections.add(connection);
     socket.once('close', () => this.connections.delete(connection));
@@ -104,6 +116,8 @@ export class NbdServer {
 type Phase = 'handshake' | 'transmission' | 'closing';
 
 class Connection {
+  /** The stream requests and replies go over: the TCP socket, or the TLS socket after STARTTLS. */
+  private socket: net.Socket;
   private readonly queue = new ChunkQueue();
   private phase: Phase = 'handshake';
   private readonly handshake: Handshake;
@@ -116,29 +130,34 @@ class Connection {
   private readonly handshakeTimer: NodeJS.Timeout;
   private onIdle: (() => void) | undefined;
 
+  private readonly onData = (chunk: Buffer) => {
+    // A closing connection reads only to see the client's end; what it sends is dropped.
+    if (this.phase === 'closing') return;
+    this.queue.push(chunk);
+    this.pump();
+  };
+  private readonly onDrain = () => this.maybeResume();
+
   constructor(
-    private readonly socket: net.Socket,
+    socket: net.Socket,
     private readonly device: BlockDevice,
     exportInfo: ExportInfo,
     private readonly log: Logger,
     private readonly stats: RequestStats | undefined,
     isShuttingDown: () => boolean,
+    private readonly tlsConfig: NbdTls | undefined,
   ) {
-    this.handshake = new Handshake(exportInfo, isShuttingDown);
+    this.socket = socket;
+    this.handshake = new Handshake(exportInfo, isShuttingDown, tlsConfig?.mode ?? 'off');
     this.handshakeTimer = setTimeout(() => this.abort('negotiation timed out'), HANDSHAKE_TIMEOUT_MS);
-    socket.on('data', (chunk: Buffer) => {
-      // A closing connection reads only to see the client's end; what it sends is dropped.
-      if (this.phase === 'closing') return;
-      this.queue.push(chunk);
-      this.pump();
-    });
+    socket.on('data', this.onData);
     socket.on('error', (err) => log.debug({ err }, 'nbd socket error'));
     socket.on('close', () => {
       clearTimeout(this.handshakeTimer);
       this.phase = 'closing';
       this.onIdle?.();
     });
-    socket.on('drain', () => this.maybeResume());
+    socket.on('drain', this.onDrain);
     this.send(this.handshake.greeting());
     log.debug('nbd client connected');
   }
@@ -174,6 +193,10 @@ class Connection {
       const { output, outcome } = this.handshake.receive(this.queue);
       for (const buf of output) this.send(buf);
       if (outcome === undefined) return;
+      if (outcome.kind === 'starttls') {
+        this.startTls();
+        return;
+      }
       clearTimeout(this.handshakeTimer);
       if (outcome.kind === 'close') {
         if (outcome.clientError) this.log.warn({ reason: outcome.reason }, 'nbd negotiation refused');
@@ -326,6 +349,46 @@ class Connection {
       });
     }
     this.socket.write(buf);
+  }
+
+  /**
+   * NBD_OPT_STARTTLS was accepted: the ACK goes out in the clear, then the socket becomes a TLS
+   * server socket and the negotiation goes on over it. The client must not have sent anything
+   * after the option (it waits for the reply); if it did, that is a protocol error.
+   */
+  private startTls(): void {
+    const raw = this.socket;
+    const config = this.tlsConfig!;
+    if (this.queue.length > 0) return this.abort('data after NBD_OPT_STARTTLS before its reply');
+    raw.off('data', this.onData);
+    raw.off('drain', this.onDrain);
+    raw.pause();
+    if (this.corked) {
+      this.corked = false;
+      raw.uncork();
+    }
+    // Only once the ACK has left may TLS take the socket over (its handshake bytes come after).
+    raw.write(Buffer.alloc(0), () => {
+      if (raw.destroyed) return;
+      const secure = new tls.TLSSocket(raw, {
+        isServer: true,
+        secureContext: config.context,
+        requestCert: config.requestCert,
+        rejectUnauthorized: config.requestCert,
+      });
+      secure.on('error', (err) => {
+        this.log.warn({ reason: err.message }, 'nbd TLS handshake failed');
+        secure.destroy();
+      });
+      secure.once('secure', () => {
+        this.socket = secure;
+        secure.on('data', this.onData);
+        secure.on('drain', this.onDrain);
+        this.handshake.tlsStarted();
+        this.log.debug({ protocol: secure.getProtocol() }, 'nbd connection upgraded to TLS');
+        this.pump();
+      });
+    });
   }
 
   /** A protocol error: replies already queued still go out, then the connection closes. */

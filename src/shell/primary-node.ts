@@ -92,6 +92,8 @@ export interface PrimaryNodeStatus {
   /** The last resync: regions dirty when it began, and resync bytes sent since. */
   resync: { active: boolean; startedAtMs: number; totalBytes: number; doneBytes: number };
   link?: PrimarySessionStatus;
+  /** The current connection to the secondary: TLS or not, and its certificate's fingerprint. */
+  connection?: { tls: boolean; fingerprint: string | null };
 }
 
 interface PendingTx {
@@ -219,6 +221,10 @@ export class PrimaryNode {
         doneBytes: this.counters.resyncBytes - this.resyncStart.resyncBytes,
       },
       link,
+      connection: this.connection && {
+        tls: this.connection.secure,
+        fingerprint: this.connection.peerFingerprint,
+      },
     };
   }
 

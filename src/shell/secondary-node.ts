@@ -45,7 +45,7 @@ interface Peer {
 }
 
 export interface SecondaryNodeStatus {
-  peer: { address: string | null; state: 'waiting' | 'connected' };
+  peer: { address: string | null; state: 'waiting' | 'connected'; tls: boolean; fingerprint: string | null };
   lastAppliedUpdate: number;
   consistent: boolean;
 }
@@ -105,6 +105,8 @@ export class SecondaryNode {
       peer: {
         address: this.current?.connection.remote ?? null,
         state: this.current ? 'connected' : 'waiting',
+        tls: this.current?.connection.secure ?? false,
+        fingerprint: this.current?.connection.peerFingerprint ?? null,
       },
       lastAppliedUpdate: state.lastAppliedUpdate,
       consistent: state.consistent,

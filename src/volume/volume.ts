@@ -5,6 +5,7 @@ import { NodeBlockFile } from '../io/block-file.js';
 import { SLOT_FILE_BYTES, SlotFile } from '../io/slot-file.js';
 import { BitmapFile } from '../log/bitmap-file.js';
 import { LogFile } from '../log/log-file.js';
+import { IDENTITY_KEY_FILE, identityName, replaceIdentity } from '../security/identity.js';
 import { INITIAL_PAIR_STATE } from '../shell/primary-node.js';
 import { INITIAL_REPLICA_STATE } from '../shell/secondary-node.js';
 import { formatSize, isPowerOfTwo } from '../util/size.js';
@@ -90,7 +91,14 @@ export async function createVolume(opts: CreateOptions): Promise<Meta> {
   }
   // Any metadata file left (say meta.json was lost but the log survived) is metadata to replace.
   const existing: string[] = [];
-  for (const name of [META_FILE, LOG_FILE, BITMAP_FILE, PAIR_STATE_FILE, REPLICA_STATE_FILE]) {
+  for (const name of [
+    META_FILE,
+    LOG_FILE,
+    BITMAP_FILE,
+    PAIR_STATE_FILE,
+    REPLICA_STATE_FILE,
+    IDENTITY_KEY_FILE,
+  ]) {
     if (
       await fsp.stat(path.join(metaDir, name)).then(
         () => true,
@@ -142,7 +150,8 @@ export async function createVolume(opts: CreateOptions): Promise<Meta> {
     }
   }
 
-  await fsp.mkdir(metaDir, { recursive: true });
+  // Private: it holds the node's key, and what says which regions differ.
+  await fsp.mkdir(metaDir, { recursive: true, mode: 0o700 });
   // Replacing metadata must not race a daemon using it, and must not keep the old volume's
   // history: a replica re-created with --force has applied nothing and is not consistent.
   const lock = existingMeta ? await VolumeLock.acquire(metaDir, opts.volumePath) : undefined;
@@ -169,6 +178,8 @@ async function writeMetadata(
   await formatMetadataFiles(metaDir, opts.size, regionSize, logSize);
   if (meta.role === 'primary') await formatSlotFile(path.join(metaDir, PAIR_STATE_FILE), INITIAL_PAIR_STATE);
   else await formatSlotFile(path.join(metaDir, REPLICA_STATE_FILE), INITIAL_REPLICA_STATE);
+  // The node's identity for the replication link (a re-created side is a new node to its peer).
+  await replaceIdentity(metaDir, identityName(meta.role, meta.volumeId));
   await syncDirectory(metaDir);
   await writeMeta(metaDir, meta);
   return meta;

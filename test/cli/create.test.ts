@@ -117,7 +117,7 @@ describe('volrep create', { timeout: 60_000 }, () => {
     const before = readFileSync(log);
     rmSync(path.join(`${volume}.volrep`, 'meta.json'));
     const again = volrep(['create', '--volume', volume, '--size', '1M']);
-    assertUsageError(again, /already holds volrep metadata \(log, bitmap, pair-state\).*--force/);
+    assertUsageError(again, /already holds volrep metadata \(log, bitmap, pair-state, identity\.key\).*--force/);
     assert.ok(readFileSync(log).equals(before), 'the surviving log is untouched');
   });
 

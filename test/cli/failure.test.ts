@@ -14,6 +14,7 @@ import { NbdClient } from '../../src/nbd/client.js';
 import { createVolumeCli, httpRequest, nonEmptyLines, waitExit, waitFor } from '../helpers/clients.js';
 import {
   type Daemon,
+  identityOf,
   type SecondaryDaemon,
   startPrimary,
   startSecondary,
@@ -190,10 +191,12 @@ describe('after an I/O failure the daemon reports it and exits cleanly', { timeo
       '--secondary-of',
       volumeId,
     ]);
-    const secondary = await startSecondary(replica);
+    const secondary = await startSecondary(replica, { extra: ['--allow-peer', identityOf(source)] });
     daemons.push(secondary);
     // --assume-clean: no initial full sync, so only the writes below reach the replica.
-    const primary = await startPrimary(source, { extra: ['--peer', secondary.listen, '--assume-clean'] });
+    const primary = await startPrimary(source, {
+      extra: ['--peer', secondary.listen, '--peer-fingerprint', identityOf(replica), '--assume-clean'],
+    });
     daemons.push(primary);
     await waitFor(
       () => /"msg":"primary connected"/.test(secondary.stderr()),

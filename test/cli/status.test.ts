@@ -1,8 +1,9 @@
 /**
- * `volrep status` against a running primary, and the loopback-only rule for replication
- * addresses (refused before any socket is opened).
+ * `volrep status` against a running primary, and the rules of the replication link's flags
+ * (refused before any socket is opened).
  */
 import assert from 'node:assert/strict';
+import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { assertUsageError, createVolumeCli, volrepAsync } from '../helpers/clients.js';
 import { type Daemon, startPrimary, tempDir } from '../helpers/daemon.js';
@@ -47,28 +48,73 @@ describe('volrep status', { timeout: 60_000 }, () => {
   });
 });
 
-describe('replication addresses are loopback only (no authentication yet)', { timeout: 60_000 }, () => {
+describe('replication link flags: TLS by default, plaintext only when asked and only on loopback', {
+  timeout: 60_000,
+}, () => {
   const { dir, cleanup } = tempDir();
   after(() => cleanup());
+  const replicaOf = (name: string) =>
+    createVolumeCli(dir, name, '16M', ['--secondary-of', '00000000-0000-4000-8000-000000000000']);
+  const FP = `sha256:${'AB'.repeat(32)}`;
 
-  it('a secondary refuses to listen on a non-loopback address', async () => {
-    const volume = createVolumeCli(dir, 's.img', '16M', [
-      '--secondary-of',
-      '00000000-0000-4000-8000-000000000000',
-    ]);
-    // 192.0.2.0/24 is reserved for documentation: nothing is ever sent there, the refusal comes first.
+  it('a secondary needs to be told whom to accept', async () => {
+    const volume = replicaOf('s1.img');
     assertUsageError(
-      await volrepAsync(['secondary', '--volume', volume, '--listen', '192.0.2.1:10810']),
-      /loopback/,
+      await volrepAsync(['secondary', '--volume', volume, '--listen', '127.0.0.1:0']),
+      /needs to know which primary to accept: --allow-peer/,
     );
   });
 
-  it('a primary refuses to replicate to a non-loopback peer', async () => {
-    const volume = createVolumeCli(dir, 'p.img', '16M');
+  it('plaintext is refused on a non-loopback address, on both sides', async () => {
+    // 192.0.2.0/24 is reserved for documentation: nothing is ever sent there, the refusal comes first.
     assertUsageError(
-      await volrepAsync(['primary', '--volume', volume, '--nbd', '127.0.0.1:0', '--peer', '192.0.2.1:10810']),
-      /loopback/,
+      await volrepAsync([
+        'secondary',
+        '--volume',
+        replicaOf('s2.img'),
+        '--listen',
+        '192.0.2.1:10810',
+        '--insecure-plaintext',
+      ]),
+      /plaintext replication is refused on anything but loopback/,
     );
+    const volume = createVolumeCli(dir, 'p1.img', '16M');
+    assertUsageError(
+      await volrepAsync([
+        'primary',
+        '--volume',
+        volume,
+        '--nbd',
+        '127.0.0.1:0',
+        '--peer',
+        '192.0.2.1:10810',
+        '--insecure-plaintext',
+      ]),
+      /plaintext replication is refused on anything but loopback/,
+    );
+  });
+
+  it("a primary needs the secondary's identity; bad or contradictory flags are refused", async () => {
+    const volume = createVolumeCli(dir, 'p2.img', '16M');
+    const primary = (...extra: string[]) =>
+      volrepAsync(['primary', '--volume', volume, '--nbd', '127.0.0.1:0', ...extra]);
+    assertUsageError(
+      await primary('--peer', '192.0.2.1:10810'),
+      /--peer needs the secondary's identity: --peer-fingerprint/,
+    );
+    assertUsageError(
+      await primary('--peer', '192.0.2.1:10810', '--peer-fingerprint', 'cafe'),
+      /is not a SHA-256 certificate fingerprint/,
+    );
+    assertUsageError(
+      await primary('--peer', '127.0.0.1:10810', '--peer-fingerprint', FP, '--insecure-plaintext'),
+      /--insecure-plaintext turns TLS off: it cannot go with --peer-fingerprint/,
+    );
+    assertUsageError(
+      await primary('--peer', '127.0.0.1:10810', '--tls-ca', path.join(dir, 'none.pem')),
+      /--tls-ca .* not found/,
+    );
+    assertUsageError(await primary('--peer-fingerprint', FP), /need --peer/);
   });
 
   it('a primary refuses to write a volume created as a replica, but serves it read-only', async () => {
@@ -87,7 +133,7 @@ describe('replication addresses are loopback only (no authentication yet)', { ti
   it('a secondary refuses a volume created as a primary', async () => {
     const volume = createVolumeCli(dir, 'wrong.img', '16M');
     assertUsageError(
-      await volrepAsync(['secondary', '--volume', volume, '--listen', '127.0.0.1:0']),
+      await volrepAsync(['secondary', '--volume', volume, '--listen', '127.0.0.1:0', '--insecure-plaintext']),
       /secondary-of/,
     );
   });

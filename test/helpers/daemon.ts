@@ -3,10 +3,11 @@
  * learns their addresses from the JSON log line they print when ready.
  */
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { fingerprintOf } from '../../src/security/fingerprint.js';
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 export const VOLREP_BIN = path.join(ROOT, 'bin/volrep.js');
@@ -101,6 +102,11 @@ export async function startPrimary(
     },
     http: ready.http,
   };
+}
+
+/** The certificate fingerprint of a volume's node identity (what `volrep identity` prints). */
+export function identityOf(volume: string, metaDir = `${volume}.volrep`): string {
+  return fingerprintOf(readFileSync(path.join(metaDir, 'identity.crt'), 'utf8'));
 }
 
 /** A fresh temporary directory, removed by the returned cleanup. */

@@ -174,7 +174,8 @@ describe('hostile peers on the replication link', { timeout: 180_000 }, () => {
       tmp = tempDir('volrep-hostile-');
       volume = createVolumeCli(tmp.dir, 's.img', '4M', ['--secondary-of', volumeId]);
       zeroHash = await sha256File(volume);
-      secondary = await startSecondary(volume, { http: true });
+      // Scripted primaries speak the wire protocol in the clear: TLS has its own tests (tls.test.ts).
+      secondary = await startSecondary(volume, { http: true, extra: ['--insecure-plaintext'] });
     });
     after(async () => {
       await secondary?.kill();
@@ -379,7 +380,14 @@ describe('hostile peers on the replication link', { timeout: 180_000 }, () => {
       const volume = createVolumeCli(tmp.dir, 'p.img', '4M');
       primary = await startPrimary(volume, {
         http: true,
-        extra: ['--peer', `127.0.0.1:${port}`, '--assume-clean', '--ack-timeout', '2s'],
+        extra: [
+          '--peer',
+          `127.0.0.1:${port}`,
+          '--insecure-plaintext',
+          '--assume-clean',
+          '--ack-timeout',
+          '2s',
+        ],
       });
     });
     after(async () => {

@@ -10,6 +10,7 @@ import { NbdClient } from '../../src/nbd/client.js';
 import { createVolumeCli, httpRequest, metricValue, sha256File, waitFor } from '../helpers/clients.js';
 import {
   type Daemon,
+  identityOf,
   type SecondaryDaemon,
   startPrimary,
   startSecondary,
@@ -56,6 +57,10 @@ export interface PairOptions {
   primaryExtra?: string[];
   /** Put a FaultProxy between the primary and the secondary. */
   proxy?: boolean;
+  /** Extra flags for `volrep secondary`. */
+  secondaryExtra?: string[];
+  /** Replicate in plaintext (--insecure-plaintext on both sides) instead of TLS, the default. */
+  plaintext?: boolean;
 }
 
 export class Pair {
@@ -91,8 +96,20 @@ export class Pair {
     ]);
   }
 
+  /** The flags each side needs to trust the other: the fingerprints, pinned (or plaintext). */
+  private linkFlags(role: 'primary' | 'secondary'): string[] {
+    if (this.opts.plaintext) return ['--insecure-plaintext'];
+    return role === 'primary'
+      ? ['--peer-fingerprint', identityOf(this.secondaryVolume)]
+      : ['--allow-peer', identityOf(this.primaryVolume)];
+  }
+
   async startSecondary(): Promise<SecondaryDaemon> {
-    this.secondary = await startSecondary(this.secondaryVolume, { listen: this.secondaryListen, http: true });
+    this.secondary = await startSecondary(this.secondaryVolume, {
+      listen: this.secondaryListen,
+      http: true,
+      extra: [...this.linkFlags('secondary'), ...(this.opts.secondaryExtra ?? [])],
+    });
     this.secondaryListen = this.secondary.listen;
     return this.secondary;
   }
@@ -116,7 +133,7 @@ export class Pair {
     const peer = await this.peerAddress();
     this.primary = await startPrimary(this.primaryVolume, {
       http: true,
-      extra: ['--peer', peer, ...(this.opts.primaryExtra ?? [])],
+      extra: ['--peer', peer, ...this.linkFlags('primary'), ...(this.opts.primaryExtra ?? [])],
     });
     return this.primary;
   }

@@ -105,7 +105,12 @@ describe('secondary', () => {
   const logger = pino({ level: 'silent' });
 
   const start = async () => {
-    secondary = await startSecondary({ volumePath, listen: { host: '127.0.0.1', port: 0 }, logger });
+    secondary = await startSecondary({
+      volumePath,
+      listen: { host: '127.0.0.1', port: 0 },
+      link: { mode: 'insecure-plaintext' }, // a scripted primary speaking the wire protocol in the clear
+      logger,
+    });
     port = Number(secondary.listenAddress.split(':').pop());
   };
 

@@ -14,7 +14,8 @@ import { type RunningSecondary, startSecondary } from '../../src/daemon/secondar
 import type { BlockDevice, Done } from '../../src/io/block-device.js';
 import { NodeBlockFile } from '../../src/io/block-file.js';
 import { systemClock } from '../../src/io/clock.js';
-import { tcpDialer } from '../../src/io/net.js';
+import { tlsDialer } from '../../src/io/tls.js';
+import { nodeIdentity } from '../../src/security/identity.js';
 import { PrimaryNode } from '../../src/shell/primary-node.js';
 import { Volume } from '../../src/volume/replicated.js';
 import { BITMAP_FILE, createVolume, LOG_FILE, PAIR_STATE_FILE } from '../../src/volume/volume.js';
@@ -43,15 +44,20 @@ async function pair(size: number): Promise<{
     volumeId: meta.volumeId,
     logSize: 64 * 1024,
   });
+  const primaryId = await nodeIdentity(`${primary}.volrep`);
+  const replicaId = await nodeIdentity(`${replica}.volrep`);
   const secondary = await startSecondary({
     volumePath: replica,
     listen: { host: '127.0.0.1', port: 0 },
+    link: { mode: 'tls', trust: { fingerprints: [primaryId.fingerprint] } },
     logger: silent,
   });
   const port = Number(secondary.listenAddress.split(':').pop());
+  const security = { identity: primaryId, trust: { fingerprints: [replicaId.fingerprint] } };
+  const refused = (f: unknown) => assert.fail(`refused: ${JSON.stringify(f)}`);
   const open = () =>
     Volume.open(primary, {
-      link: { dialer: tcpDialer('127.0.0.1', port), assumeClean: true },
+      link: { dialer: tlsDialer('127.0.0.1', port, security, refused), assumeClean: true },
       logger: silent,
     });
   return {

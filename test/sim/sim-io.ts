@@ -299,6 +299,8 @@ export class SimTime {
 
 /** One end of a simulated connection. */
 export class SimEnd implements Connection {
+  readonly secure = false;
+  readonly peerFingerprint = null;
   events: ConnectionEvents | undefined;
   /** Chunks on their way to this end. */
   readonly inbound: Buffer[] = [];

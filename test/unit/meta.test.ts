@@ -123,7 +123,7 @@ describe('meta.json', () => {
     // Nothing else in the metadata directory: no temp files left behind.
     assert.deepEqual(
       fs.readdirSync(metaDir).sort(),
-      [BITMAP_FILE, LOG_FILE, META_FILE, PAIR_STATE_FILE].sort(),
+      [BITMAP_FILE, 'identity.crt', 'identity.key', LOG_FILE, META_FILE, PAIR_STATE_FILE].sort(),
     );
 
     const volume = await Volume.open(volumePath);
@@ -135,7 +135,7 @@ describe('meta.json', () => {
     }
     assert.deepEqual(
       fs.readdirSync(metaDir).sort(),
-      [BITMAP_FILE, LOG_FILE, META_FILE, PAIR_STATE_FILE].sort(),
+      [BITMAP_FILE, 'identity.crt', 'identity.key', LOG_FILE, META_FILE, PAIR_STATE_FILE].sort(),
     );
   });
 

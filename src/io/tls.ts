@@ -1,0 +1,219 @@
+/**
+ * The replication link over TLS 1.3, mutually authenticated: the dialer (primary) and the
+ * listener (secondary) each present the node's certificate and check the other's against the
+ * trust they were given (pinned fingerprints or a CA) once the handshake is done — before a
+ * single replication byte reaches the session. A refusal is reported once, with the reason and
+ * the fingerprint seen, to the owner (who logs it and counts it).
+ *
+ * The listener also bounds what unauthenticated peers can hold: a handshake that does not
+ * finish within the timeout is dropped (slow-loris), and connections beyond a number still in
+ * their handshake are refused at once. The same listener serves `--insecure-plaintext` (no TLS;
+ * the session's hello timeout then bounds a silent peer).
+ */
+import net from 'node:net';
+import tls from 'node:tls';
+import type { Identity } from '../security/identity.js';
+import { type PeerTrust, verifyPeer } from '../security/trust.js';
+import { socketConnection } from './net.js';
+import type { Connection, ConnectionEvents, Dialer } from './transport.js';
+
+/** A handshake (TCP accept to an authenticated peer) that takes longer is dropped. */
+export const HANDSHAKE_TIMEOUT_MS = 10_000;
+/** Connections still in their handshake at once; more are refused. */
+export const UNAUTHENTICATED_CONNECTIONS_MAX = 16;
+
+export interface LinkSecurity {
+  identity: Identity;
+  trust: PeerTrust;
+}
+
+/** A peer refused (or a TLS handshake that failed): for one log line and a metric. */
+export interface AuthFailure {
+  remote: string;
+  reason: string;
+  /** The SHA-256 fingerprint of the certificate the peer presented, if it presented one. */
+  fingerprint: string | null;
+}
+
+function secureContextOptions(security: LinkSecurity): tls.SecureContextOptions {
+  return {
+    key: security.identity.key,
+    cert: security.identity.cert,
+    ca: security.trust.ca,
+    minVersion: 'TLSv1.3',
+    maxVersion: 'TLSv1.3',
+  };
+}
+
+/** Why a TLS handshake failed, for a person. */
+function describeTlsError(err: Error & { code?: string }): string {
+  if (err.code === 'ERR_SSL_WRONG_VERSION_NUMBER' || err.code === 'ERR_SSL_HTTP_REQUEST') {
+    return 'not TLS (a plaintext peer? both sides need TLS, or both --insecure-plaintext on loopback)';
+  }
+  if (err.code === 'ERR_SSL_NO_PROTOCOLS_AVAILABLE' || err.code === 'ERR_SSL_UNSUPPORTED_PROTOCOL') {
+    return `TLS version not supported (volrep speaks TLS 1.3 only): ${err.message}`;
+  }
+  return `TLS handshake failed: ${err.message}`;
+}
+
+/** Connects to the secondary over TLS; `open` fires only once its certificate is accepted. */
+export function tlsDialer(
+  host: string,
+  port: number,
+  security: LinkSecurity,
+  onRefused: (f: AuthFailure) => void,
+): Dialer {
+  const peer = net.isIP(host) === 6 ? `[${host}]:${port}` : `${host}:${port}`;
+  return {
+    peer,
+    dial(events: ConnectionEvents): Connection {
+      const socket = tls.connect({
+        ...secureContextOptions(security),
+        host,
+        port,
+        // Identity is the pinned fingerprint or the CA, not a host name.
+        rejectUnauthorized: false,
+        checkServerIdentity: () => undefined,
+        servername: net.isIP(host) === 0 ? host : undefined,
+      });
+      socket.setNoDelay(true);
+      let verified = false;
+      let handshaking = true;
+      let heard = false;
+      const connection = socketConnection(socket, {
+        open: () => {},
+        data: (chunk) => {
+          heard = true;
+          if (verified) events.data(chunk);
+        },
+        close: (reason) => {
+          // TLS 1.3 lets the client finish first: a secondary that refuses our certificate just
+          // closes, before its first byte. Say what that most likely means.
+          if (verified && !heard) {
+            onRefused({
+              remote: peer,
+              reason: `the secondary closed the connection before its welcome: does it accept this primary's certificate (${security.identity.fingerprint})? Pass it to the secondary with --allow-peer`,
+              fingerprint: connection.peerFingerprint,
+            });
+          }
+          events.close(reason);
+        },
+      });
+      socket.on('error', (err: Error & { code?: string }) => {
+        if (
+          !handshaking ||
+          err.code === 'ECONNREFUSED' ||
+          err.code === 'EHOSTUNREACH' ||
+          err.code === 'ETIMEDOUT'
+        )
+          return;
+        handshaking = false;
+        onRefused({ remote: peer, reason: describeTlsError(err), fingerprint: null });
+      });
+      socket.once('secureConnect', () => {
+        handshaking = false;
+        const verdict = verifyPeer(socket, security.trust);
+        if (!verdict.ok) {
+          onRefused({
+            remote: peer,
+            reason: `refused the secondary: ${verdict.reason}`,
+            fingerprint: verdict.fingerprint,
+          });
+          connection.close(`refused the secondary's certificate: ${verdict.reason}`);
+          return;
+        }
+        verified = true;
+        Object.assign(connection, { secure: true, peerFingerprint: verdict.fingerprint });
+        events.open();
+      });
+      return connection;
+    },
+  };
+}
+
+export interface ReplicationListenerOptions {
+  /** TLS with these; undefined: plaintext (--insecure-plaintext). */
+  security: LinkSecurity | undefined;
+  onRefused: (f: AuthFailure) => void;
+  /** An authenticated (or, in plaintext, any) connection: returns the events its owner wants. */
+  onConnection: (connection: Connection) => ConnectionEvents;
+  handshakeTimeoutMs?: number;
+  unauthenticatedMax?: number;
+}
+
+/** The secondary's listener: TLS handshake and peer check, bounded, then the connection to its owner. */
+export function replicationListener(opts: ReplicationListenerOptions): net.Server {
+  const timeoutMs = opts.handshakeTimeoutMs ?? HANDSHAKE_TIMEOUT_MS;
+  const pendingMax = opts.unauthenticatedMax ?? UNAUTHENTICATED_CONNECTIONS_MAX;
+  const context = opts.security ? tls.createSecureContext(secureContextOptions(opts.security)) : undefined;
+  let pending = 0;
+  return net.createServer({ noDelay: true }, (raw) => {
+    const remote = `${raw.remoteAddress}:${raw.remotePort}`;
+    raw.on('error', () => {});
+    if (pending >= pendingMax) {
+      opts.onRefused({
+        remote,
+        reason: `too many connections still in their handshake (${pendingMax})`,
+        fingerprint: null,
+      });
+      raw.destroy();
+      return;
+    }
+    if (context === undefined || opts.security === undefined) {
+      hand(raw, false, null);
+      return;
+    }
+    pending += 1;
+    let settled = false;
+    const settle = () => {
+      if (settled) return false;
+      settled = true;
+      pending -= 1;
+      clearTimeout(timer);
+      return true;
+    };
+    const timer = setTimeout(() => {
+      if (!settle()) return;
+      opts.onRefused({ remote, reason: `no TLS handshake within ${timeoutMs} ms`, fingerprint: null });
+      raw.destroy();
+    }, timeoutMs);
+    timer.unref();
+    const socket = new tls.TLSSocket(raw, {
+      isServer: true,
+      secureContext: context,
+      requestCert: true,
+      rejectUnauthorized: false,
+    });
+    socket.on('error', (err: Error & { code?: string }) => {
+      if (!settle()) return;
+      opts.onRefused({ remote, reason: describeTlsError(err), fingerprint: null });
+      socket.destroy();
+    });
+    raw.once('close', () => settle());
+    socket.once('secure', () => {
+      if (!settle()) return;
+      const verdict = verifyPeer(socket, opts.security!.trust);
+      if (!verdict.ok) {
+        opts.onRefused({
+          remote,
+          reason: `refused a primary: ${verdict.reason}`,
+          fingerprint: verdict.fingerprint,
+        });
+        socket.destroy();
+        return;
+      }
+      hand(socket, true, verdict.fingerprint);
+    });
+  });
+
+  function hand(socket: net.Socket, secure: boolean, fingerprint: string | null): void {
+    let events: ConnectionEvents | undefined;
+    const connection = socketConnection(socket, {
+      open: () => {},
+      data: (chunk) => events?.data(chunk),
+      close: (reason) => events?.close(reason),
+    });
+    Object.assign(connection, { secure, peerFingerprint: fingerprint });
+    events = opts.onConnection(connection);
+  }
+}
