@@ -1,7 +1,7 @@
 // Helpers for bench/nbd.sh (plain Node, no dependencies but volrep's own build for `scatter`).
 //
 //   node bench/fio.mjs port                      a free TCP port on 127.0.0.1
-//   node bench/fio.mjs parse FIO.json            "iops bw_bytes lat_us" of the job (read or write side);
+//   node bench/fio.mjs parse FIO.json            "iops bw_bytes lat_us total_ios" of the job (read or write side);
 //                                                exits 1 if fio reported an error or did no I/O
 //   node bench/fio.mjs metrics HOST:PORT         "writes log_syncs log_records bitmap_persists volume_syncs"
 //                                                from volrep's GET /metrics (counters since start);
@@ -40,12 +40,15 @@ const TARGETS = [
   { target: 'volrep-async', key: 'c', label: '(c) async pair' },
   { target: 'volrep-sync', key: 'd', label: '(d) sync pair' },
   { target: 'volrep-small', key: 'e', label: '(e) small window' },
+  { target: 'volrep-async-plain', key: 'f', label: '(f) async plaintext' },
 ];
 
 const RATIOS = [
   ['c', 'a'],
   ['c', 'b'],
   ['d', 'b'],
+  // TLS (the default) against plaintext, same pair otherwise.
+  ['c', 'f'],
 ];
 
 // Prometheus series read by `metrics`, in output order.
@@ -88,7 +91,7 @@ function parse(file) {
   const side = job.write.io_bytes > 0 ? job.write : job.read;
   if (!(side.io_bytes > 0) || !(side.iops > 0)) fail(`${file}: fio did no I/O`);
   const latUs = (side.clat_ns?.mean ?? 0) / 1000;
-  process.stdout.write(`${side.iops.toFixed(1)} ${side.bw_bytes} ${latUs.toFixed(1)}\n`);
+  process.stdout.write(`${side.iops.toFixed(1)} ${side.bw_bytes} ${latUs.toFixed(1)} ${side.total_ios}\n`);
 }
 
 async function get(address, path) {
@@ -174,6 +177,11 @@ function median(values) {
 
 const num = (text) => (text === undefined || text === '-' ? null : Number(text));
 
+function medianOrNull(values) {
+  const v = values.filter((x) => x !== null && Number.isFinite(x));
+  return v.length === 0 ? null : median(v);
+}
+
 /** Log counters summed over the runs, and per write over all of them (null if no write). */
 function logFigures(samples) {
   const runs = samples.filter((s) => s.log !== null);
@@ -236,8 +244,9 @@ function report(samplesFile, jsonFile, resyncFile, rsyncFile) {
     .split('\n')
     .filter((l) => l.trim() !== '')
     .map((l) => {
-      const [row, target, repeat, iops, bw, lat, cpu, wait, ...log] = l.split(/\s+/);
-      const counts = log.map(num);
+      const [row, target, repeat, iops, bw, lat, cpu, wait, ...rest] = l.split(/\s+/);
+      const counts = rest.slice(0, LOG_FIELDS.length).map(num);
+      const [ios, usPrimary, usSecondary] = rest.slice(LOG_FIELDS.length).map(num);
       return {
         row,
         target,
@@ -246,6 +255,9 @@ function report(samplesFile, jsonFile, resyncFile, rsyncFile) {
         bwBytes: +bw,
         latUs: +lat,
         cpuPct: +cpu,
+        // CPU µs per I/O over the measured run: the server (primary) and the secondary apart.
+        usPerOpPrimary: ios ? usPrimary / ios : null,
+        usPerOpSecondary: ios && usSecondary !== null ? usSecondary / ios : null,
         syncWaitMs: num(wait),
         log:
           counts.length === LOG_FIELDS.length && counts.every((c) => c !== null)
@@ -266,6 +278,8 @@ function report(samplesFile, jsonFile, resyncFile, rsyncFile) {
       samples: values,
       latUsMedian: median(mine.map((s) => s.latUs)),
       cpuPctMedian: median(mine.map((s) => s.cpuPct)),
+      usPerOpPrimary: medianOrNull(mine.map((s) => s.usPerOpPrimary)),
+      usPerOpSecondary: medianOrNull(mine.map((s) => s.usPerOpSecondary)),
       syncWaitMsMedian: waits.length ? median(waits) : null,
       log: def.writes && target !== 'nbdkit' ? logFigures(mine) : null,
     };
@@ -320,8 +334,30 @@ function report(samplesFile, jsonFile, resyncFile, rsyncFile) {
       ['c', 'd'].map((k) => r.targets[k]?.syncWaitMsMedian ?? '-').join(' / '),
     ]),
   ]);
+  // CPU per I/O of each daemon: what decides throughput once each side has a machine of its own.
+  const us = (n) => (n === null || n === undefined ? '-' : n.toFixed(1));
+  out += '\n';
+  out += markdown([
+    [
+      'row',
+      ...present.map(
+        (t) =>
+          `CPU µs/op ${t.label}${t.key === 'a' || t.key === 'b' || t.key === 'e' ? '' : ' primary / secondary'}`,
+      ),
+    ],
+    ...rows.map((r) => [
+      r.label,
+      ...present.map((t) => {
+        const s = r.targets[t.key];
+        if (!s) return '-';
+        return s.usPerOpSecondary === null
+          ? us(s.usPerOpPrimary)
+          : `${us(s.usPerOpPrimary)} / ${us(s.usPerOpSecondary)}`;
+      }),
+    ]),
+  ]);
   out +=
-    'Server CPU: 100 = one core, primary + secondary for pairs. Log figures: /metrics deltas over each whole\n' +
+    'Server CPU: 100 = one core, primary + secondary for pairs, over the measured run. Log figures: /metrics deltas over each whole\n' +
     'fio run (ramp included), summed over the repeats. Wait for in sync: after each run against a pair, until\n' +
     'the primary reports the peer connected, no dirty region, no pending update (median, not in the figures).\n';
   if (present.some((t) => t.key === 'e')) {

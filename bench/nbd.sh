@@ -19,6 +19,8 @@
 #   volrep-async  (c) `volrep primary --peer --assume-clean` replicating (async) to a local
 #                     `volrep secondary`; both volumes freshly created, so no initial sync runs
 #   volrep-sync   (d) the same with `--mode sync`
+#   volrep-async-plain (f) the async pair of (c) with `--insecure-plaintext` on both sides (the pairs
+#                     above use TLS 1.3 with pinned certificates, the default): TLS costs c/f
 #   volrep-small      (rows that write only) see below
 # Every file is warmed with one sequential write pass, then each row runs against the targets in
 # turn (order reversed on every repeat). After every run against a pair (and after its warm-up) the
@@ -108,7 +110,7 @@ fi
 BENCH_T0=$(date +%s)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/volrep-bench.XXXXXX")
 # Daemons by name: PIDS[name] (unset once stopped), plus their ports.
-declare -A PIDS=() NBD_PORT=() HTTP_PORT=() PEER_OF=() LISTEN_PORT=()
+declare -A PIDS=() NBD_PORT=() HTTP_PORT=() PEER_OF=() LISTEN_PORT=() LINK_FLAGS=()
 
 stop_pid() { # pid: SIGTERM, wait up to 10 s, then SIGKILL; prints nothing, returns the exit status
   local pid=$1 i rc=0
@@ -190,8 +192,9 @@ start_secondary() { # name: serves $WORK/name.img on LISTEN_PORT[name], HTTP_POR
   local name=$1
   # A restart starts a new log (the old one is kept as name.N.log, still scanned for errors).
   [[ -e $WORK/$name.log ]] && mv "$WORK/$name.log" "$WORK/$name.$(date +%s%N).log"
+  # shellcheck disable=SC2086 # LINK_FLAGS[name] is a list of flags
   node "$VOLREP" secondary --volume "$WORK/$name.img" --listen "127.0.0.1:${LISTEN_PORT[$name]}" \
-    --http "127.0.0.1:${HTTP_PORT[$name]}" 2>"$WORK/$name.log" &
+    --http "127.0.0.1:${HTTP_PORT[$name]}" ${LINK_FLAGS[$name]} 2>"$WORK/$name.log" &
   PIDS[$name]=$!
   wait_ready "$name" "${PIDS[$name]}" grep -q '"secondary serving"' "$WORK/$name.log"
 }
@@ -207,17 +210,29 @@ start_primary() { # name [primary-args...]
   wait_ready "$name" "${PIDS[$name]}" grep -q '"primary serving"' "$WORK/$name.log"
 }
 
-start_pair() { # name mode: fresh primary + replica, secondary "name-secondary", primary --assume-clean
-  local name=$1 mode=$2 sec="$1-secondary" id
+identity_of() { # name: the certificate fingerprint of name's node identity
+  node "$VOLREP" identity --volume "$WORK/$1.img" || die "volrep identity failed ($1)"
+}
+
+start_pair() { # name mode [plain]: fresh primary + replica, secondary "name-secondary", primary --assume-clean
+  local name=$1 mode=$2 security=${3:-tls} sec="$1-secondary" id primary_link
   volrep_create "$name"
   id=$(node -e 'console.log(JSON.parse(require("fs").readFileSync(process.argv[1], "utf8")).volumeId)' \
     "$WORK/$name.img.volrep/meta.json") || die "cannot read the volume id of $name"
   volrep_create "$sec" --secondary-of "$id"
   LISTEN_PORT[$sec]=$(node "$HELPER" port)
   HTTP_PORT[$sec]=$(node "$HELPER" port)
+  if [[ $security == plain ]]; then
+    LINK_FLAGS[$sec]=--insecure-plaintext
+    primary_link=--insecure-plaintext
+  else
+    LINK_FLAGS[$sec]="--allow-peer $(identity_of "$name")"
+    primary_link="--peer-fingerprint $(identity_of "$sec")"
+  fi
   start_secondary "$sec"
   PEER_OF[$name]=$sec
-  start_primary "$name" --peer "127.0.0.1:${LISTEN_PORT[$sec]}" --mode "$mode" --assume-clean
+  # shellcheck disable=SC2086 # primary_link is a list of flags
+  start_primary "$name" --peer "127.0.0.1:${LISTEN_PORT[$sec]}" $primary_link --mode "$mode" --assume-clean
 }
 
 wait_insync() { # name: until the pair is in sync; prints "<epoch ms when seen in sync> <ms waited>"
@@ -229,13 +244,14 @@ volrep_create volrep
 start_primary volrep
 start_pair volrep-async async
 start_pair volrep-sync sync
-TARGETS=(nbdkit volrep volrep-async volrep-sync)
+start_pair volrep-async-plain async plain
+TARGETS=(nbdkit volrep volrep-async volrep-sync volrep-async-plain)
 if ((SMALL)); then
   volrep_create volrep-small --region-size "$SMALL_REGION"
   start_primary volrep-small --activity-window "$SMALL_WINDOW"
   TARGETS+=(volrep-small)
 fi
-for name in volrep-async volrep-sync; do wait_insync "$name" >/dev/null; done
+for name in volrep-async volrep-sync volrep-async-plain; do wait_insync "$name" >/dev/null; done
 
 uri_of() { # target
   case $1 in
@@ -247,6 +263,7 @@ pids_of() { # target: its pid and its secondary's
   local sec=${PEER_OF[$1]:-}
   echo "${PIDS[$1]}" ${sec:+"${PIDS[$sec]}"}
 }
+
 log_counters() { # target: "writes log_syncs log_records bitmap_persists volume_syncs" since start
   if [[ $1 == nbdkit ]]; then
     echo '- - - - -'
@@ -276,6 +293,8 @@ say "  (c) volrep-async primary --peer (async, --assume-clean) on 127.0.0.1:${NB
   "-> secondary :${LISTEN_PORT[volrep-async-secondary]}"
 say "  (d) volrep-sync  primary --peer --mode sync (--assume-clean) on 127.0.0.1:${NBD_PORT[volrep-sync]}" \
   "-> secondary :${LISTEN_PORT[volrep-sync-secondary]}"
+say "  (f) volrep-async-plain: (c) with --insecure-plaintext on 127.0.0.1:${NBD_PORT[volrep-async-plain]}" \
+  "-> secondary :${LISTEN_PORT[volrep-async-plain-secondary]} (c, d: mutual TLS 1.3, pinned fingerprints)"
 if ((SMALL)); then
   say "  (e) volrep-small primary --activity-window $SMALL_WINDOW, volume --region-size $SMALL_REGION," \
     "on 127.0.0.1:${NBD_PORT[volrep-small]}, rows that write only"
@@ -317,20 +336,35 @@ for ((rep = 1; rep <= REPEATS; rep++)); do
       out="$WORK/$row-$target-$rep.json"
       read -r -a pids <<<"$(pids_of "$target")"
       m0=$(log_counters "$target") || die "cannot read /metrics of $target"
-      t0=$(date +%s%N)
-      c0=$(cpu_ticks "${pids[@]}")
+      # CPU over the measured part of the run only (after fio's ramp), per daemon: fio runs in the
+      # background while the ticks are read once the ramp is over.
       run_fio "$target" "$out" --rw="$rw" --bs="$bs" --iodepth="$qd" \
         --randrepeat=0 --randseed="$seed" \
-        --time_based --runtime="$RUNTIME" --ramp_time="$RAMP"
-      c1=$(cpu_ticks "${pids[@]}")
+        --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" &
+      fio_job=$!
+      sleep "$RAMP"
+      t0=$(date +%s%N)
+      cp0=$(cpu_ticks "${pids[0]}")
+      cs0=0
+      [[ ${#pids[@]} -lt 2 ]] || cs0=$(cpu_ticks "${pids[1]}")
+      wait "$fio_job" || die "fio against $target failed"
+      cp1=$(cpu_ticks "${pids[0]}")
+      cs1=0
+      [[ ${#pids[@]} -lt 2 ]] || cs1=$(cpu_ticks "${pids[1]}")
       t1=$(date +%s%N)
+      c0=$((cp0 + cs0))
+      c1=$((cp1 + cs1))
       m1=$(log_counters "$target") || die "cannot read /metrics of $target"
       # Drain a pair's backlog before the next run (not part of the measured run).
       wait=-
       if [[ -n ${PEER_OF[$target]:-} ]]; then read -r _ wait < <(wait_insync "$target"); fi
-      # Server CPU over the whole fio run (ramp and connection setup included), 100 = one core.
+      # Server CPU over the measured run, 100 = one core (primary + secondary for a pair).
       cpu=$(((c1 - c0) * 100 * 1000000000 / CLK_TCK / (t1 - t0)))
-      read -r iops bw lat < <(node "$HELPER" parse "$out") || die "bad fio output ($row $target)"
+      read -r iops bw lat ios < <(node "$HELPER" parse "$out") || die "bad fio output ($row $target)"
+      # CPU microseconds over the measured run, primary and secondary apart (for nbdkit: the server).
+      us_p=$(((cp1 - cp0) * 1000000 / CLK_TCK))
+      us_s=-
+      [[ ${#pids[@]} -lt 2 ]] || us_s=$(((cs1 - cs0) * 1000000 / CLK_TCK))
       # Log counter deltas over the same fio run (ramp included): writes syncs records bitmap vsyncs.
       read -r -a a <<<"$m0"
       read -r -a b <<<"$m1"
@@ -344,8 +378,8 @@ for ((rep = 1; rep <= REPEATS; rep++)); do
         fi
       fi
       [[ $wait == - ]] || logtext+="  in sync +${wait} ms"
-      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$row" "$target" "$rep" "$iops" "$bw" "$lat" "$cpu" \
-        "$wait" "$(IFS=$'\t' && echo "${deltas[*]}")" >>"$SAMPLES"
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$row" "$target" "$rep" "$iops" "$bw" "$lat" "$cpu" \
+        "$wait" "$(IFS=$'\t' && echo "${deltas[*]}")" "$ios" "$us_p" "$us_s" >>"$SAMPLES"
       if [[ $bs == 1M ]]; then value="$((bw / 1000000)) MB/s"; else value="${iops%.*} IOPS"; fi
       printf '  [%d/%d] %-18s %-12s %12s  clat %8s µs  server CPU %3d%%%s\n' \
         "$rep" "$REPEATS" "$row" "$target" "$value" "$lat" "$cpu" "$logtext"
@@ -372,14 +406,14 @@ node "$HELPER" scatter "127.0.0.1:${NBD_PORT[$P]}" volrep "$RESYNC_REGIONS" "$re
   die "writing $RESYNC_REGIONS regions through NBD failed"
 dirty=$(node "$HELPER" status "$PRI_HTTP" dirtyRegions) || die "cannot read /status of $P"
 say "  secondary stopped (SIGTERM), replica copied, $RESYNC_REGIONS random regions written; primary: $dirty dirty regions"
-connects0=$(grep -c '"connected to secondary"' "$WORK/$P.log" || true)
+connects0=$(grep -c '"connected to the secondary"' "$WORK/$P.log" || true)
 t_restart=$(now_ms)
 start_secondary "$S"
 t_serving=$(now_ms)
 read -r t_insync _ < <(wait_insync "$P")
 resync1=$(node "$HELPER" counter "$PRI_HTTP" volrep_resync_bytes_total) || die "cannot read /metrics of $P"
 # When the primary reconnected (its log's timestamp, ms since the epoch): the rest is the resync.
-t_connected=$(grep '"connected to secondary"' "$WORK/$P.log" | tail -n +"$((connects0 + 1))" | head -n 1 |
+t_connected=$(grep '"connected to the secondary"' "$WORK/$P.log" | tail -n +"$((connects0 + 1))" | head -n 1 |
   node -e 'let s="";process.stdin.on("data",(d)=>{s+=d}).on("end",()=>{console.log(s?JSON.parse(s).time:"-")})')
 cmp -s "$WORK/$P.img" "$WORK/$S.img" || die "after the resync the replica differs from the primary volume"
 say "  replica identical to the primary after the resync (cmp)"
@@ -405,13 +439,13 @@ RESYNC_KV="$WORK/resync.kv"
 } >"$RESYNC_KV"
 
 # --- shut down and report -------------------------------------------------------------------------
-for name in volrep volrep-async volrep-sync volrep-small; do
+for name in volrep volrep-async volrep-sync volrep-async-plain volrep-small; do
   [[ -n ${PIDS[$name]:-} ]] || continue
   rc=0
   stop_daemon "$name" || rc=$?
   ((rc == 0)) || die "volrep primary $name did not stop cleanly (exit status $rc)"
 done
-for name in volrep-async-secondary volrep-sync-secondary; do
+for name in volrep-async-secondary volrep-sync-secondary volrep-async-plain-secondary; do
   rc=0
   stop_daemon "$name" || rc=$?
   ((rc == 0)) || die "volrep secondary $name did not stop cleanly (exit status $rc)"

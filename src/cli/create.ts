@@ -1,4 +1,5 @@
 import { VolrepError } from '../errors.js';
+import { nodeIdentity } from '../security/identity.js';
 import { parseSize } from '../util/size.js';
 import { createVolume, defaultMetaDir } from '../volume/volume.js';
 
@@ -31,8 +32,12 @@ export async function runCreate(flags: CreateFlags): Promise<void> {
     role: flags.secondaryOf === undefined ? 'primary' : 'secondary',
     volumeId: flags.secondaryOf,
   });
+  const metaDir = flags.meta ?? defaultMetaDir(flags.volume);
+  const identity = await nodeIdentity(metaDir);
+  const peerFlag = meta.role === 'primary' ? '--allow-peer' : '--peer-fingerprint';
   process.stdout.write(
     `created ${meta.role} volume ${flags.volume} (${meta.size} bytes, regions of ${meta.regionSize} bytes, id ${meta.volumeId})\n` +
-      `metadata in ${flags.meta ?? defaultMetaDir(flags.volume)}\n`,
+      `metadata in ${metaDir}\n` +
+      `identity ${identity.fingerprint} (for the ${meta.role === 'primary' ? 'secondary' : 'primary'}: ${peerFlag} ${identity.fingerprint})\n`,
   );
 }

@@ -80,6 +80,10 @@ export async function runDemo(flags: DemoFlags): Promise<void> {
     cleanup.unshift(() => client.close().catch(() => {}));
 
     await waitFor(() => primary.status().peer?.state === 'connected', 'the link to come up');
+    const peer = primary.status().peer;
+    say(
+      `replication link: ${peer?.tls ? 'TLS 1.3, mutually authenticated' : 'plaintext'}, the primary verified ${peer?.fingerprint?.slice(0, 23)}…`,
+    );
     let took = await writeWorkload(client, size, 2000);
     say(`wrote 2000 requests through NBD in ${took.toFixed(2)} s`);
     await waitInSync(primary);

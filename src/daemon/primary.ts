@@ -5,12 +5,12 @@
  */
 import { promises as fsp } from 'node:fs';
 import path from 'node:path';
-import tls from 'node:tls';
 import type { Logger } from 'pino';
 import { Counter, Gauge } from 'prom-client';
 import { VolrepError } from '../errors.js';
 import { tcpDialer } from '../io/net.js';
 import { type LinkSecurity, tlsDialer } from '../io/tls.js';
+import { TlsAcceptor } from '../io/tls-acceptor.js';
 import type { Dialer } from '../io/transport.js';
 import type { NbdTlsMode } from '../nbd/handshake.js';
 import { NbdServer, type NbdTls } from '../nbd/server.js';
@@ -179,8 +179,14 @@ async function nbdTls(opts: PrimaryOptions): Promise<NbdTls | undefined> {
   }
   return {
     mode,
-    context: tls.createSecureContext({ key: identity.key, cert: identity.cert, ca, minVersion: 'TLSv1.2' }),
-    requestCert: ca !== undefined,
+    acceptor: new TlsAcceptor({
+      key: identity.key,
+      cert: identity.cert,
+      ca,
+      minVersion: 'TLSv1.2',
+      requestCert: ca !== undefined,
+    }),
+    requireClientCert: ca !== undefined,
   };
 }
 

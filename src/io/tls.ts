@@ -15,6 +15,7 @@ import tls from 'node:tls';
 import type { Identity } from '../security/identity.js';
 import { type PeerTrust, verifyPeer } from '../security/trust.js';
 import { socketConnection } from './net.js';
+import { TlsAcceptor } from './tls-acceptor.js';
 import type { Connection, ConnectionEvents, Dialer } from './transport.js';
 
 /** A handshake (TCP accept to an authenticated peer) that takes longer is dropped. */
@@ -45,15 +46,15 @@ function secureContextOptions(security: LinkSecurity): tls.SecureContextOptions 
   };
 }
 
-/** Why a TLS handshake failed, for a person. */
-function describeTlsError(err: Error & { code?: string }): string {
+/** Why a TLS handshake failed, for a person (OpenSSL's reason, not its source paths). */
+function describeTlsError(err: Error & { code?: string; reason?: string }): string {
   if (err.code === 'ERR_SSL_WRONG_VERSION_NUMBER' || err.code === 'ERR_SSL_HTTP_REQUEST') {
     return 'not TLS (a plaintext peer? both sides need TLS, or both --insecure-plaintext on loopback)';
   }
   if (err.code === 'ERR_SSL_NO_PROTOCOLS_AVAILABLE' || err.code === 'ERR_SSL_UNSUPPORTED_PROTOCOL') {
-    return `TLS version not supported (volrep speaks TLS 1.3 only): ${err.message}`;
+    return `TLS version not supported (volrep speaks TLS 1.3 only): ${err.reason ?? err.message.trim()}`;
   }
-  return `TLS handshake failed: ${err.message}`;
+  return `TLS handshake failed: ${err.reason ?? err.message.trim()}`;
 }
 
 /** Connects to the secondary over TLS; `open` fires only once its certificate is accepted. */
@@ -92,7 +93,7 @@ export function tlsDialer(
           if (verified && !heard) {
             onRefused({
               remote: peer,
-              reason: `the secondary closed the connection before its welcome: does it accept this primary's certificate (${security.identity.fingerprint})? Pass it to the secondary with --allow-peer`,
+              reason: `the secondary closed the connection before its welcome: most likely it refused this primary's certificate (${security.identity.fingerprint}); check that the secondary's --allow-peer has it (or its --tls-ca signed it) and that it is valid`,
               fingerprint: connection.peerFingerprint,
             });
           }
@@ -143,9 +144,16 @@ export interface ReplicationListenerOptions {
 
 /** The secondary's listener: TLS handshake and peer check, bounded, then the connection to its owner. */
 export function replicationListener(opts: ReplicationListenerOptions): net.Server {
+  const security = opts.security;
+  if (security === undefined) {
+    return net.createServer({ noDelay: true }, (raw) => {
+      raw.on('error', () => {});
+      hand(raw, false, null);
+    });
+  }
   const timeoutMs = opts.handshakeTimeoutMs ?? HANDSHAKE_TIMEOUT_MS;
   const pendingMax = opts.unauthenticatedMax ?? UNAUTHENTICATED_CONNECTIONS_MAX;
-  const context = opts.security ? tls.createSecureContext(secureContextOptions(opts.security)) : undefined;
+  const acceptor = new TlsAcceptor({ ...secureContextOptions(security), requestCert: true });
   let pending = 0;
   return net.createServer({ noDelay: true }, (raw) => {
     const remote = `${raw.remoteAddress}:${raw.remotePort}`;
@@ -159,10 +167,7 @@ export function replicationListener(opts: ReplicationListenerOptions): net.Serve
       raw.destroy();
       return;
     }
-    if (context === undefined || opts.security === undefined) {
-      hand(raw, false, null);
-      return;
-    }
+    // Admission and the deadline are the raw socket's: slow-loris gets no more than timeoutMs.
     pending += 1;
     let settled = false;
     const settle = () => {
@@ -178,31 +183,25 @@ export function replicationListener(opts: ReplicationListenerOptions): net.Serve
       raw.destroy();
     }, timeoutMs);
     timer.unref();
-    const socket = new tls.TLSSocket(raw, {
-      isServer: true,
-      secureContext: context,
-      requestCert: true,
-      rejectUnauthorized: false,
-    });
-    socket.on('error', (err: Error & { code?: string }) => {
-      if (!settle()) return;
-      opts.onRefused({ remote, reason: describeTlsError(err), fingerprint: null });
-      socket.destroy();
-    });
     raw.once('close', () => settle());
-    socket.once('secure', () => {
-      if (!settle()) return;
-      const verdict = verifyPeer(socket, opts.security!.trust);
-      if (!verdict.ok) {
-        opts.onRefused({
-          remote,
-          reason: `refused a primary: ${verdict.reason}`,
-          fingerprint: verdict.fingerprint,
-        });
-        socket.destroy();
-        return;
-      }
-      hand(socket, true, verdict.fingerprint);
+    acceptor.accept(raw, {
+      secure: (socket) => {
+        if (!settle()) return socket.destroy();
+        const verdict = verifyPeer(socket, security.trust);
+        if (!verdict.ok) {
+          opts.onRefused({
+            remote,
+            reason: `refused a primary: ${verdict.reason}`,
+            fingerprint: verdict.fingerprint,
+          });
+          socket.destroy();
+          return;
+        }
+        hand(socket, true, verdict.fingerprint);
+      },
+      failed: (err) => {
+        if (settle()) opts.onRefused({ remote, reason: describeTlsError(err), fingerprint: null });
+      },
     });
   });
 

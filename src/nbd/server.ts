@@ -5,10 +5,10 @@
  * connection only.
  */
 import net from 'node:net';
-import tls from 'node:tls';
 import type { Logger } from 'pino';
 import type { BlockDevice } from '../io/block-device.js';
 import { ChunkQueue } from '../io/chunk-queue.js';
+import type { TlsAcceptor } from '../io/tls-acceptor.js';
 import { type ExportInfo, Handshake, type NbdTlsMode, type NegotiatedSession } from './handshake.js';
 import * as P from './protocol.js';
 import { encodeBlockStatus, encodeReply, readReplyPrefixBytes, writeReadReplyPrefix } from './replies.js';
@@ -41,10 +41,10 @@ export interface NbdServerOptions {
 
 export interface NbdTls {
   mode: NbdTlsMode;
-  /** The server's certificate and key (and a CA to verify client certificates against, if any). */
-  context: tls.SecureContext;
-  /** Client certificates are required and must verify against the context's CA. */
-  requestCert: boolean;
+  /** Handshakes with the server's certificate and key (and the CA client certificates need, if any). */
+  acceptor: TlsAcceptor;
+  /** Client certificates are required and must verify against that CA. */
+  requireClientCert: boolean;
 }
 
 export class NbdServer {
@@ -370,23 +370,27 @@ class Connection {
     // Only once the ACK has left may TLS take the socket over (its handshake bytes come after).
     raw.write(Buffer.alloc(0), () => {
       if (raw.destroyed) return;
-      const secure = new tls.TLSSocket(raw, {
-        isServer: true,
-        secureContext: config.context,
-        requestCert: config.requestCert,
-        rejectUnauthorized: config.requestCert,
-      });
-      secure.on('error', (err) => {
-        this.log.warn({ reason: err.message }, 'nbd TLS handshake failed');
-        secure.destroy();
-      });
-      secure.once('secure', () => {
-        this.socket = secure;
-        secure.on('data', this.onData);
-        secure.on('drain', this.onDrain);
-        this.handshake.tlsStarted();
-        this.log.debug({ protocol: secure.getProtocol() }, 'nbd connection upgraded to TLS');
-        this.pump();
+      config.acceptor.accept(raw, {
+        secure: (secure) => {
+          if (config.requireClientCert && !secure.authorized) {
+            const reason =
+              secure.getPeerX509Certificate() === undefined
+                ? 'the client presented no certificate'
+                : `its certificate is not signed by the --nbd-tls-ca (${String(secure.authorizationError)})`;
+            this.log.warn({ reason }, 'nbd TLS client refused');
+            secure.destroy();
+            return;
+          }
+          secure.on('error', (err) => this.log.debug({ reason: err.message }, 'nbd TLS connection error'));
+          this.socket = secure;
+          secure.on('data', this.onData);
+          secure.on('drain', this.onDrain);
+          this.handshake.tlsStarted();
+          this.log.debug({ protocol: secure.getProtocol() }, 'nbd connection upgraded to TLS');
+          this.pump();
+        },
+        failed: (err) =>
+          this.log.warn({ reason: err.reason ?? err.message.trim() }, 'nbd TLS handshake failed'),
       });
     });
   }

@@ -129,9 +129,12 @@ export class SecondaryNode {
     return {
       open: () => {},
       data: (chunk) => this.run(peer, () => peer.session.handleData(chunk, this.opts.clock.now())),
-      close: () => {
+      close: (reason) => {
         this.peers.delete(peer);
         if (this.current === peer) this.current = undefined;
+        // A link that was up and went away without the session closing it: say so, with why.
+        if (peer.session.state === 'streaming' || peer.session.state === 'settling')
+          this.opts.logger.info({ peer: connection.remote, reason }, 'primary disconnected');
         peer.session.handleClose();
         this.armTimer();
       },

@@ -54,6 +54,10 @@ describe('volrep create', { timeout: 60_000 }, () => {
     assert.equal(meta.formatVersion, 1);
     assert.match(meta.volumeId, UUID);
     assert.ok(r.stdout.includes(meta.volumeId), 'the printed id is the one in meta.json');
+    // The node's fingerprint, ready to paste on the secondary; the same one 'volrep identity' prints.
+    const printed = /identity (sha256:[0-9A-F]{64}) \(for the secondary: --allow-peer \1\)/.exec(r.stdout);
+    assert.ok(printed, r.stdout);
+    assert.equal(volrep(['identity', '--volume', volume]).stdout.trim(), printed[1]);
     assert.equal(meta.size, 8 * 1024 * 1024);
     assert.equal(meta.regionSize, 64 * 1024);
     assert.equal(meta.logSize, 64 * 1024 * 1024);
@@ -117,7 +121,10 @@ describe('volrep create', { timeout: 60_000 }, () => {
     const before = readFileSync(log);
     rmSync(path.join(`${volume}.volrep`, 'meta.json'));
     const again = volrep(['create', '--volume', volume, '--size', '1M']);
-    assertUsageError(again, /already holds volrep metadata \(log, bitmap, pair-state, identity\.key\).*--force/);
+    assertUsageError(
+      again,
+      /already holds volrep metadata \(log, bitmap, pair-state, identity\.key\).*--force/,
+    );
     assert.ok(readFileSync(log).equals(before), 'the surviving log is untouched');
   });
 

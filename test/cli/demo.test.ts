@@ -12,6 +12,11 @@ describe('volrep demo', { timeout: 90_000 }, () => {
     const r = await volrepAsync(['demo'], 60_000);
     assert.equal(r.code, 0, `exit ${r.code} signal ${r.signal}\nstdout:\n${r.stdout}\nstderr:\n${r.stderr}`);
     assert.match(r.stdout, /^demo OK/m);
+    // The output is for a person: no JSON log record leaks into it (the link cut used to log one).
+    for (const line of `${r.stdout}\n${r.stderr}`.split('\n')) {
+      assert.doesNotMatch(line, /^\s*\{/, `a raw log line in the demo's output:\n${line}`);
+    }
+    assert.match(r.stdout, /replication link: TLS 1\.3, mutually authenticated/);
     assert.match(r.stdout, /created (\S+primary\.img) and its replica \S+replica\.img: 256M, regions of 64K/);
     assert.match(
       r.stdout,
