@@ -65,13 +65,6 @@ export async function createIdentity(metaDir: string, commonName: string): Promi
   return { key, cert, fingerprint: fingerprintOf(cert), certFile, keyFile };
 }
 
-/** Replaces the identity (`volrep create --force`). */
-export async function replaceIdentity(metaDir: string, commonName: string): Promise<Identity> {
-  await fsp.rm(path.join(metaDir, IDENTITY_KEY_FILE), { force: true });
-  await fsp.rm(path.join(metaDir, IDENTITY_CERT_FILE), { force: true });
-  return createIdentity(metaDir, commonName);
-}
-
 /**
  * Loads a certificate and its key. Refuses a key file readable by group or others, a key that is
  * not the certificate's, and unreadable files, each with a message that says what to do.

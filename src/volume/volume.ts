@@ -5,7 +5,7 @@ import { NodeBlockFile } from '../io/block-file.js';
 import { SLOT_FILE_BYTES, SlotFile } from '../io/slot-file.js';
 import { BitmapFile } from '../log/bitmap-file.js';
 import { LogFile } from '../log/log-file.js';
-import { IDENTITY_KEY_FILE, identityName, replaceIdentity } from '../security/identity.js';
+import { ensureIdentity, IDENTITY_KEY_FILE, identityName } from '../security/identity.js';
 import { INITIAL_PAIR_STATE } from '../shell/primary-node.js';
 import { INITIAL_REPLICA_STATE } from '../shell/secondary-node.js';
 import { formatSize, isPowerOfTwo } from '../util/size.js';
@@ -178,8 +178,10 @@ async function writeMetadata(
   await formatMetadataFiles(metaDir, opts.size, regionSize, logSize);
   if (meta.role === 'primary') await formatSlotFile(path.join(metaDir, PAIR_STATE_FILE), INITIAL_PAIR_STATE);
   else await formatSlotFile(path.join(metaDir, REPLICA_STATE_FILE), INITIAL_REPLICA_STATE);
-  // The node's identity for the replication link (a re-created side is a new node to its peer).
-  await replaceIdentity(metaDir, identityName(meta.role, meta.volumeId));
+  // The node's identity for the replication link. A side re-created with --force keeps the one it
+  // had: its peer pinned that fingerprint and keeps serving meanwhile, so it should not need a
+  // restart to accept the re-created side (remove identity.key and identity.crt for a new one).
+  await ensureIdentity(metaDir, identityName(meta.role, meta.volumeId));
   await syncDirectory(metaDir);
   await writeMeta(metaDir, meta);
   return meta;

@@ -114,6 +114,20 @@ describe('volrep create', { timeout: 60_000 }, () => {
     assert.notEqual(second.volumeId, first.volumeId, '--force makes a new volume id');
   });
 
+  it('--force keeps the node identity (the peer pinned it), a new one only when its files are removed', () => {
+    const volume = path.join(tmp.dir, 'k.img');
+    assert.equal(volrep(['create', '--volume', volume, '--size', '1M']).status, 0);
+    const fingerprint = () => volrep(['identity', '--volume', volume]).stdout.trim();
+    const first = fingerprint();
+    const forced = volrep(['create', '--volume', volume, '--size', '1M', '--force']);
+    assert.equal(forced.status, 0, forced.stderr);
+    assert.match(forced.stdout, new RegExp(`identity ${first} `));
+    assert.equal(fingerprint(), first);
+    for (const f of ['identity.key', 'identity.crt']) rmSync(path.join(`${volume}.volrep`, f));
+    assert.equal(volrep(['create', '--volume', volume, '--size', '1M', '--force']).status, 0);
+    assert.notEqual(fingerprint(), first);
+  });
+
   it('refuses without --force when meta.json is gone but other metadata survives (no silent reformat)', () => {
     const volume = path.join(tmp.dir, 'm.img');
     assert.equal(volrep(['create', '--volume', volume, '--size', '1M']).status, 0);

@@ -235,6 +235,12 @@ function checkAgainstFraming(input: Buffer, run: Run, shuttingDown = false): voi
     ) {
       if (sent.option === P.OPT_STRUCTURED_REPLY) {
         assert.ok(last.type === P.REP_ACK || last.type === P.REP_ERR_INVALID);
+      } else if (sent.option === P.OPT_STARTTLS) {
+        // NOTLS mode (no --nbd-tls): the spec's answer for "not by policy".
+        assert.deepEqual(
+          group.map((r) => r.type),
+          [P.REP_ERR_POLICY],
+        );
       } else {
         assert.deepEqual(
           group.map((r) => r.type),
@@ -402,7 +408,7 @@ function expectedReplies(n: Negotiation): Expected {
         );
       }
     } else {
-      groups.push({ option: s.opt, types: [P.REP_ERR_UNSUP] });
+      groups.push({ option: s.opt, types: [s.opt === P.OPT_STARTTLS ? P.REP_ERR_POLICY : P.REP_ERR_UNSUP] });
     }
   }
   const f = n.final;
