@@ -7,8 +7,10 @@ export function socketConnection(socket: net.Socket, events: ConnectionEvents): 
   let reason = 'connection closed';
   socket.on('connect', () => events.open());
   socket.on('data', (chunk: Buffer) => events.data(chunk));
-  socket.on('error', (err) => {
-    reason = err.message;
+  socket.on('error', (err: Error & { library?: unknown; reason?: unknown }) => {
+    // An OpenSSL error's message carries an address and a source path; its `reason` is for people.
+    reason =
+      typeof err.library === 'string' && typeof err.reason === 'string' ? `TLS: ${err.reason}` : err.message;
   });
   socket.on('close', () => events.close(reason));
   const remote = `${socket.remoteAddress}:${socket.remotePort}`;
