@@ -382,7 +382,7 @@ function report(samplesFile, jsonFile, resyncFile, rsyncFile) {
       ['  of which restart → primary reconnected', ms(resync.restartToConnectedMs), ''],
       ['  of which reconnected → in sync', ms(resync.connectedToInSyncMs), ''],
       [
-        'rsync --inplace --no-whole-file primary.img old-copy.img',
+        'rsync --inplace --no-whole-file --ignore-times primary.img old-copy.img',
         ms(resync.rsync.ms),
         `sent ${mib(resync.rsync.totalBytesSent)}, literal ${mib(resync.rsync.literalData)}`,
       ],

@@ -44,7 +44,9 @@
 # file (the replica as it was), write BENCH_RESYNC_REGIONS distinct random 64 KiB regions of random
 # bytes through NBD on the primary (then FLUSH), restart the secondary and time until the pair is
 # in sync; volrep_resync_bytes_total must grow by regions x 64 KiB. Then time
-# `rsync --inplace --no-whole-file --stats primary.img old-copy.img` (all files in the page cache)
+# `rsync --inplace --no-whole-file --ignore-times --stats primary.img old-copy.img` (all files in
+# the page cache; --ignore-times because rsync's quick check compares whole seconds, and the copy
+# and the writes to the primary usually fall in the same second: without it rsync skips the file)
 # and compare the copies byte for byte.
 #
 # Needs fio with the nbd engine, nbdkit and rsync (Debian: fio nbdkit rsync).
@@ -419,7 +421,7 @@ cmp -s "$WORK/$P.img" "$WORK/$S.img" || die "after the resync the replica differ
 say "  replica identical to the primary after the resync (cmp)"
 
 rsync_t0=$(now_ms)
-rsync --inplace --no-whole-file --stats "$WORK/$P.img" "$WORK/old-copy.img" >"$WORK/rsync.txt" 2>&1 ||
+rsync --inplace --no-whole-file --ignore-times --stats "$WORK/$P.img" "$WORK/old-copy.img" >"$WORK/rsync.txt" 2>&1 ||
   die "rsync failed: $(cat "$WORK/rsync.txt")"
 rsync_t1=$(now_ms)
 cmp -s "$WORK/$P.img" "$WORK/old-copy.img" || die "after rsync the old copy differs from the primary volume"
