@@ -112,6 +112,16 @@ export function firstByteNot(buf: Buffer, value: number): number {
   return -1;
 }
 
+/** Asserts that every byte of `file` in [offset, offset+length) is `value`. */
+export function expectFile(file: string, offset: number, length: number, value: number): void {
+  const at = firstByteNot(readRange(file, offset, length), value);
+  assert.equal(
+    at,
+    -1,
+    `${file}: byte at ${offset + at} should be 0x${value.toString(16)} (range ${offset}+${length})`,
+  );
+}
+
 /** Polls `cond` until it is true; fails with `what` after `timeoutMs`. */
 export async function waitFor(
   cond: () => boolean | Promise<boolean>,

@@ -18,12 +18,11 @@ import {
   assertUsageError,
   createVolumeCli,
   describeRun,
-  firstByteNot,
+  expectFile,
   httpRequest,
   metricValue,
   qemuIo,
   type RunResult,
-  readRange,
   run,
   sha256File,
   sha256Range,
@@ -166,16 +165,6 @@ function expectRefused(r: RunResult, what: string, pattern: RegExp): void {
   assert.notEqual(r.code, 0, describeRun(`${what} should have been refused`, r));
   assert.equal(r.signal, null, describeRun(`${what} was killed (timed out?)`, r));
   assert.match(r.stdout + r.stderr, pattern, describeRun(what, r));
-}
-
-/** Every byte of the volume file in [offset, offset+length) is `value`. */
-function expectFile(volume: string, offset: number, length: number, value: number): void {
-  const at = firstByteNot(readRange(volume, offset, length), value);
-  assert.equal(
-    at,
-    -1,
-    `volume file byte at ${offset + at} should be 0x${value.toString(16)} (range ${offset}+${length})`,
-  );
 }
 
 async function nbdinfoJson(uri: string): Promise<{ protocol: string; TLS?: boolean; exports: Json[] }> {

@@ -8,7 +8,7 @@ import { after, before, describe, it } from 'node:test';
 import {
   createVolumeCli,
   describeRun,
-  firstByteNot,
+  expectFile,
   httpRequest,
   metricValue,
   qemuIo,
@@ -19,16 +19,6 @@ import { type Daemon, needTool, startPrimary, tempDir } from '../helpers/daemon.
 
 const K = 1024;
 const M = 1024 * 1024;
-
-/** Asserts that every byte of the volume file in [offset, offset+length) is `value`. */
-function expectFile(volume: string, offset: number, length: number, value: number): void {
-  const at = firstByteNot(readRange(volume, offset, length), value);
-  assert.equal(
-    at,
-    -1,
-    `volume file byte at ${offset + at} should be 0x${value.toString(16)} (range ${offset}+${length})`,
-  );
-}
 
 /** Asserts qemu-io succeeded and every command reported its bytes with no pattern mismatch. */
 function expectOk(r: RunResult, what: string, done: { wrote?: number; read?: number; discard?: number }) {

@@ -13,9 +13,8 @@ import { after, describe, it } from 'node:test';
 import {
   createVolumeCli,
   describeRun,
-  firstByteNot,
+  expectFile,
   type RunResult,
-  readRange,
   run,
   waitExit,
   waitFor,
@@ -118,11 +117,6 @@ async function qemuIoInA(commands: string[], extra: string[] = []): Promise<void
   const what = `qemu-io in ${NS_A}: ${commands.join('; ')}`;
   assert.equal(r.code, 0, describeRun(what, r));
   assert.doesNotMatch(r.stdout + r.stderr, /Pattern verification failed|error|failed/i, describeRun(what, r));
-}
-
-function expectFile(file: string, offset: number, length: number, value: number): void {
-  const at = firstByteNot(readRange(file, offset, length), value);
-  assert.equal(at, -1, `${file}: byte at ${offset + at} should be 0x${value.toString(16)}`);
 }
 
 /** Bytes sent through an interface of a namespace (`ip -s -j link`). */
