@@ -156,32 +156,29 @@ export async function createVolume(opts: CreateOptions): Promise<Meta> {
   // history: a replica re-created with --force has applied nothing and is not consistent.
   const lock = existingMeta ? await VolumeLock.acquire(metaDir, opts.volumePath) : undefined;
   try {
+    const meta = newMeta({ size: opts.size, regionSize, logSize, role: opts.role, volumeId: opts.volumeId });
+    // The node's identity for the replication link, before anything is replaced: a kept one that
+    // is unusable (a key readable by others, a missing half) refuses with the old metadata intact.
+    // A side re-created with --force keeps the identity it had: its peer pinned that fingerprint
+    // and keeps serving meanwhile, so it should not need a restart to accept the re-created side
+    // (remove identity.key and identity.crt for a new one).
+    await ensureIdentity(metaDir, identityName(meta.role, meta.volumeId));
     for (const stale of [REPLICA_STATE_FILE, PAIR_STATE_FILE])
       await fsp.rm(path.join(metaDir, stale), { force: true });
-    return await writeMetadata(opts, metaDir, regionSize, logSize);
+    return await writeMetadata(meta, metaDir);
   } finally {
     await lock?.release();
   }
 }
 
-async function writeMetadata(
-  opts: CreateOptions,
-  metaDir: string,
-  regionSize: number,
-  logSize: number,
-): Promise<Meta> {
-  const meta = newMeta({ size: opts.size, regionSize, logSize, role: opts.role, volumeId: opts.volumeId });
+async function writeMetadata(meta: Meta, metaDir: string): Promise<Meta> {
   // The log and bitmap get their full size now, formatted (empty log, all-clean bitmap), so a
   // running daemon never runs out of space for them; the role's state file gets its first
   // record (a file missing later is refused, never read as "clean"). meta.json goes last: it
   // marks a complete set.
-  await formatMetadataFiles(metaDir, opts.size, regionSize, logSize);
+  await formatMetadataFiles(metaDir, meta.size, meta.regionSize, meta.logSize);
   if (meta.role === 'primary') await formatSlotFile(path.join(metaDir, PAIR_STATE_FILE), INITIAL_PAIR_STATE);
   else await formatSlotFile(path.join(metaDir, REPLICA_STATE_FILE), INITIAL_REPLICA_STATE);
-  // The node's identity for the replication link. A side re-created with --force keeps the one it
-  // had: its peer pinned that fingerprint and keeps serving meanwhile, so it should not need a
-  // restart to accept the re-created side (remove identity.key and identity.crt for a new one).
-  await ensureIdentity(metaDir, identityName(meta.role, meta.volumeId));
   await syncDirectory(metaDir);
   await writeMeta(metaDir, meta);
   return meta;

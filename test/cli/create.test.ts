@@ -3,7 +3,7 @@
  * existing files, and the one-line, exit-code-2 answer to every user error.
  */
 import assert from 'node:assert/strict';
-import { existsSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { assertUsageError } from '../helpers/clients.js';
@@ -126,6 +126,24 @@ describe('volrep create', { timeout: 60_000 }, () => {
     for (const f of ['identity.key', 'identity.crt']) rmSync(path.join(`${volume}.volrep`, f));
     assert.equal(volrep(['create', '--volume', volume, '--size', '1M', '--force']).status, 0);
     assert.notEqual(fingerprint(), first);
+  });
+
+  it('--force with an unusable kept identity (key mode 0644) refuses before it replaces anything', () => {
+    const volume = path.join(tmp.dir, 'bad-key.img');
+    assert.equal(volrep(['create', '--volume', volume, '--size', '1M']).status, 0);
+    const metaDir = `${volume}.volrep`;
+    const before = ['meta.json', 'log', 'bitmap', 'pair-state'].map((f) => {
+      const st = statSync(path.join(metaDir, f));
+      return { f, bytes: readFileSync(path.join(metaDir, f)).toString('base64'), mtimeMs: st.mtimeMs };
+    });
+    chmodSync(path.join(metaDir, 'identity.key'), 0o644);
+    const forced = volrep(['create', '--volume', volume, '--size', '1M', '--force']);
+    assertUsageError(forced, /identity\.key is readable by others.*chmod 600/);
+    for (const b of before) {
+      const st = statSync(path.join(metaDir, b.f));
+      assert.equal(st.mtimeMs, b.mtimeMs, `${b.f} must not be rewritten`);
+      assert.equal(readFileSync(path.join(metaDir, b.f)).toString('base64'), b.bytes, `${b.f} unchanged`);
+    }
   });
 
   it('refuses without --force when meta.json is gone but other metadata survives (no silent reformat)', () => {
