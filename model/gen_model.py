@@ -274,8 +274,8 @@ def main():
     if cases is not None:
         import json
         with open(a.dump_cases, 'w') as f:
-            json.dump(sorted(cases.values(), key=json.dumps), f, indent=0)
-            f.write('\n')
+            rows = sorted(json.dumps(c, separators=(', ', ': ')) for c in cases.values())
+            f.write('[\n' + ',\n'.join(f'  {r}' for r in rows) + '\n]\n')
         print(f'{len(cases)} distinct handshakes written to {a.dump_cases}')
     print(f'states {n}, depth {a.depth}, regions {a.regions}, writes {a.writes}, flags {a.flag or "none"}')
     print('handshake decisions seen:', dict(dec))
