@@ -1,0 +1,143 @@
+/**
+ * Data generations (DESIGN.md §7, checked exhaustively in model/gen_model.py): which side's data
+ * is newer when two nodes meet. Pure: no I/O, no clock, no randomness (ids come from the caller).
+ *
+ * Each node keeps `current` (the generation of its data), a short `history` of earlier ones and,
+ * while it holds writes its peer lacks, `base` (the generation both last shared). The set of
+ * regions that may differ is the engine's dirty set (bitmap + log), kept beside it.
+ */
+
+/** A random id, never reused (16 hex digits). */
+export type GenerationId = string;
+
+export interface Generations {
+  /** The generation of this node's data; null on a replica that was never in sync with anyone. */
+  current: GenerationId | null;
+  /** The generation both sides last shared, while this node holds writes made apart. */
+  base: GenerationId | null;
+  /** Earlier generations, oldest first (at most HISTORY_MAX). */
+  history: GenerationId[];
+}
+
+export const HISTORY_MAX = 16;
+const ID_PATTERN = /^[0-9a-f]{16}$|^legacy-[0-9a-f-]{36}$/;
+
+/** What the handshake decides, P being the side that would send and S the side that would receive. */
+export type HandshakeDecision =
+  /** S never held anyone's data: a full sync (or none with --assume-clean at the pair's birth). */
+  | 'fullSync'
+  /** Resync P → S of P's dirty set ∪ S's own dirty set (empty on both: in sync). */
+  | 'resync'
+  /** S wrote apart, P did not: refuse this direction, S is newer. */
+  | 'peerNewer'
+  /** Both wrote apart from the same generation: refuse, report, wait for the operator. */
+  | 'splitBrain'
+  /** S's generation is only an old one of P's: a full sync, on explicit request only. */
+  | 'fullOnRequest'
+  /** Nothing in common. */
+  | 'unrelated';
+
+interface Rule {
+  /** What the two histories say, in words (the README reproduces this table). */
+  readonly when: string;
+  readonly test: (p: Generations, s: Generations) => boolean;
+  readonly decision: HandshakeDecision;
+}
+
+/** The handshake's rules, first match wins. test/replication/generations.test.ts runs them against the model's cases. */
+export const HANDSHAKE_RULES: readonly Rule[] = [
+  {
+    when: 'the secondary has no generation (created, never in sync)',
+    test: (_p, s) => s.current === null,
+    decision: 'fullSync',
+  },
+  {
+    when: 'same generation',
+    test: (p, s) => p.current === s.current,
+    decision: 'resync',
+  },
+  {
+    when: "the secondary's generation is the primary's base (only the primary wrote apart)",
+    test: (p, s) => p.base !== null && p.base === s.current,
+    decision: 'resync',
+  },
+  {
+    when: "the primary's generation is the secondary's base (only the secondary wrote apart)",
+    test: (p, s) => s.base !== null && s.base === p.current,
+    decision: 'peerNewer',
+  },
+  {
+    when: 'both wrote apart from the same generation',
+    test: (p, s) => p.base !== null && p.base === s.base,
+    decision: 'splitBrain',
+  },
+  {
+    when: "the secondary's generation is only in the primary's history",
+    test: (p, s) => s.current !== null && p.history.includes(s.current),
+    decision: 'fullOnRequest',
+  },
+  { when: 'nothing in common', test: () => true, decision: 'unrelated' },
+];
+
+export function decideHandshake(p: Generations, s: Generations): HandshakeDecision {
+  for (const rule of HANDSHAKE_RULES) if (rule.test(p, s)) return rule.decision;
+  return 'unrelated';
+}
+
+/**
+ * A first write while not in step with the peer starts a history of its own: `current` moves to
+ * `base` and `history`, a new id becomes `current`. Nothing changes if one is already started.
+ */
+export function startGeneration(g: Generations, newId: GenerationId): Generations {
+  if (g.base !== null || g.current === null) {
+    // A node without a generation (a replica promoted with --force before any sync) starts one
+    // with no base: it shares nothing with anyone.
+    return g.current === null ? { current: newId, base: null, history: g.history } : g;
+  }
+  return { current: newId, base: g.current, history: pushHistory(g.history, g.current) };
+}
+
+/** Demote and --discard-local-changes: give up the history begun apart (current returns to base). */
+export function giveUpGeneration(g: Generations): Generations {
+  if (g.base === null) return g;
+  return { current: g.base, base: null, history: g.history };
+}
+
+/** The receiver of a resync, when it ends (durably consistent): takes the sender's generation. */
+export function adoptGeneration(g: Generations, senderCurrent: GenerationId): Generations {
+  const history = g.current === null || g.current === senderCurrent ? g.history : pushHistory(g.history, g.current);
+  return { current: senderCurrent, base: null, history };
+}
+
+/** The sender, once the receiver holds its generation: nothing apart any more. */
+export function dropBase(g: Generations): Generations {
+  return g.base === null ? g : { ...g, base: null };
+}
+
+function pushHistory(history: readonly GenerationId[], id: GenerationId): GenerationId[] {
+  const out = history[history.length - 1] === id ? [...history] : [...history, id];
+  return out.slice(-HISTORY_MAX);
+}
+
+/** The generations of metadata written before generations existed: one shared, derived id per volume. */
+export function legacyGenerations(volumeId: string, hasData: boolean): Generations {
+  return { current: hasData ? `legacy-${volumeId}` : null, base: null, history: [] };
+}
+
+/** Checks a parsed value (from a state file or the wire); undefined when it is not Generations. */
+export function parseGenerations(v: unknown): Generations | undefined {
+  if (typeof v !== 'object' || v === null) return undefined;
+  const g = v as Record<string, unknown>;
+  const id = (x: unknown) => x === null || (typeof x === 'string' && ID_PATTERN.test(x));
+  if (!id(g.current) || !id(g.base)) return undefined;
+  if (!Array.isArray(g.history) || g.history.length > HISTORY_MAX) return undefined;
+  if (!g.history.every((h) => typeof h === 'string' && ID_PATTERN.test(h))) return undefined;
+  if (g.base !== null && g.current === null) return undefined;
+  return { current: g.current as string | null, base: g.base as string | null, history: [...g.history] };
+}
+
+/** A short form for logs and status: the first 8 hex digits. */
+export function shortGeneration(id: GenerationId | null): string {
+  if (id === null) return 'none';
+  return id.startsWith('legacy-') ? 'legacy' : id.slice(0, 8);
+}
