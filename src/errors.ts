@@ -23,6 +23,10 @@ export const ERROR_EXIT_CODES = {
   /** A metadata file that must exist is missing: its state is unknown, never "clean" (H18). */
   VOLREP_ERR_META_MISSING: EXIT_USAGE,
   VOLREP_ERR_VOLUME_SIZE: EXIT_USAGE,
+  /** A role change the node's state forbids (promote a primary, demote a secondary). */
+  VOLREP_ERR_ROLE: EXIT_USAGE,
+  /** Promote of a replica marked inconsistent, without --force. */
+  VOLREP_ERR_INCONSISTENT: EXIT_USAGE,
   VOLREP_ERR_LOCKED: EXIT_USAGE,
   VOLREP_ERR_ADDRESS: EXIT_USAGE,
   VOLREP_ERR_ADDRESS_IN_USE: EXIT_USAGE,

@@ -9,6 +9,7 @@ import { runDemo } from './demo.js';
 import { runIdentity } from './identity.js';
 import { collect } from './link-flags.js';
 import { runPrimary } from './primary.js';
+import { runDemote, runPromote } from './roles.js';
 import { runSecondary } from './secondary.js';
 import { runStatus } from './status.js';
 
@@ -61,6 +62,10 @@ function buildProgram(): Command {
       collect,
       [],
     )
+    .option(
+      '--listen <host:port>',
+      'also answer on this replication address (a promoted replica: its old one), refusing any primary that dials it, so two primaries see a split brain',
+    )
     .option('--tls-ca <file>', 'trust a secondary whose certificate this CA (PEM) signed')
     .option('--tls-cert <file>', "this node's certificate (PEM) instead of its generated identity")
     .option('--tls-key <file>', 'the private key of --tls-cert (mode 0600)')
@@ -102,7 +107,33 @@ function buildProgram(): Command {
     .option('--tls-cert <file>', "this node's certificate (PEM) instead of its generated identity")
     .option('--tls-key <file>', 'the private key of --tls-cert (mode 0600)')
     .option('--insecure-plaintext', 'no TLS on the replication link (loopback only; the primary too)', false)
+    .option(
+      '--discard-local-changes',
+      'give up the writes this side made while apart (resolves a split brain: the primary overwrites them)',
+      false,
+    )
     .action(runSecondary);
+
+  program
+    .command('promote')
+    .description('make a stopped replica the primary (failover); it keeps its data and its dirty regions')
+    .requiredOption('--volume <path>', 'replica volume file or block device')
+    .option('--meta <dir>', 'metadata directory (default: <volume>.volrep)')
+    .option(
+      '--force',
+      'promote a replica marked inconsistent (a resync into it was cut short): its data is no state the primary ever had',
+      false,
+    )
+    .action(runPromote);
+
+  program
+    .command('demote')
+    .description(
+      'make a stopped primary a secondary; it gives up the writes it made while apart from its peer',
+    )
+    .requiredOption('--volume <path>', 'volume file or block device')
+    .option('--meta <dir>', 'metadata directory (default: <volume>.volrep)')
+    .action(runDemote);
 
   program
     .command('identity')

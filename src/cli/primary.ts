@@ -28,6 +28,7 @@ export interface PrimaryFlags {
   tlsCert?: string;
   tlsKey?: string;
   insecurePlaintext: boolean;
+  listen?: string;
 }
 
 /** Runs until SIGINT/SIGTERM, then stops gracefully; a second signal exits at once. */
@@ -36,6 +37,12 @@ export async function runPrimary(flags: PrimaryFlags): Promise<void> {
   const http = flags.http === undefined ? undefined : parseHostPort(flags.http, '--http');
   const activityWindowBytes = parseSize(flags.activityWindow, '--activity-window');
   const peer = flags.peer === undefined ? undefined : parseHostPort(flags.peer, '--peer');
+  const listen = flags.listen === undefined ? undefined : parseHostPort(flags.listen, '--listen');
+  if (listen && !peer)
+    throw new VolrepError(
+      'VOLREP_ERR_USAGE',
+      '--listen answers the peer: it needs --peer (and its trust flags)',
+    );
   const ackTimeoutMs = parseDuration(flags.ackTimeout, '--ack-timeout');
   const windowBytes = parseSize(flags.window, '--window');
   if (windowBytes < 64 * 1024) throw new VolrepError('VOLREP_ERR_SIZE', '--window must be at least 64K');
@@ -78,6 +85,7 @@ export async function runPrimary(flags: PrimaryFlags): Promise<void> {
     onFailure: (err) => signals.fail(err),
     activityWindowBytes,
     peer,
+    listen,
     link,
     nbdTls,
     nbdInsecure: flags.nbdInsecure,

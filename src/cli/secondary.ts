@@ -14,6 +14,7 @@ export interface SecondaryFlags {
   tlsCert?: string;
   tlsKey?: string;
   insecurePlaintext: boolean;
+  discardLocalChanges: boolean;
 }
 
 export async function runSecondary(flags: SecondaryFlags): Promise<void> {
@@ -27,6 +28,7 @@ export async function runSecondary(flags: SecondaryFlags): Promise<void> {
     onFailure: (err) => signals.fail(err),
     volumePath: flags.volume,
     metaDir: flags.meta,
+    discardLocalChanges: flags.discardLocalChanges,
     listen,
     http,
     link,

@@ -462,14 +462,9 @@ export class Engine {
    */
   submitTransaction(writes: WriteRequest[], now: number, options: TransactionOptions = {}): number {
     this.advanceTime(now);
-    if (writes.length === 0 || writes.length > this.txWritesMax) {
-      throw new VolrepError('VOLREP_ERR_REQUEST', `a transaction has 1 to ${this.txWritesMax} writes`);
-    }
+    this.checkTransaction(writes);
     let bytes = 0;
-    for (const w of writes) {
-      this.validateWrite(w);
-      bytes += updateBytes(w.kind, w.length);
-    }
+    for (const w of writes) bytes += updateBytes(w.kind, w.length);
     const tx: ClientTx = {
       id: this.nextTxId,
       writes: writes.map((w) => ({ ...w })),
@@ -484,6 +479,14 @@ export class Engine {
     this.admitQueue.push(tx);
     this.pump();
     return tx.id;
+  }
+
+  /** Throws VOLREP_ERR_REQUEST for a transaction submitTransaction would refuse; changes nothing. */
+  checkTransaction(writes: readonly WriteRequest[]): void {
+    if (writes.length === 0 || writes.length > this.txWritesMax) {
+      throw new VolrepError('VOLREP_ERR_REQUEST', `a transaction has 1 to ${this.txWritesMax} writes`);
+    }
+    for (const w of writes) this.validateWrite(w);
   }
 
   /** The log is durable through `throughLsn` (the value of the syncLog action). */
@@ -694,13 +697,15 @@ export class Engine {
 
   /**
    * A full sync: every region may differ from the replica (a brand-new pair whose replica holds
-   * unknown bytes). Marks them all and starts a checkpoint; the marks are durable once it
+   * unknown bytes), or those of `bits`. Marks them and starts a checkpoint; the marks are durable once it
    * completes, and nothing may be sent to the replica before that (the caller connects after).
    */
-  markAllDirty(now: number): void {
+  markAllDirty(now: number, bits?: Uint8Array): void {
     this.advanceTime(now);
     if (this.connected) throw new VolrepError('VOLREP_ERR_STATE', 'mark everything dirty before connecting');
-    this.indicator.setAll();
+    // `bits`: only these (the regions a secondary itself may hold differently).
+    if (bits === undefined) this.indicator.setAll();
+    else this.indicator.union(bits);
     // Regions with updates in flight are now dirty beyond them: an ack must not clean them (H12).
     for (const entry of this.pending.values()) entry.stale = true;
     // The checkpoint that snapshots this: the one started now, or the next if one is in flight.

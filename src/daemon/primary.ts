@@ -4,24 +4,28 @@
  * asked. It only wires files, sockets and timers to the node (src/shell/primary-node.ts).
  */
 import { promises as fsp } from 'node:fs';
+import type net from 'node:net';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import { Counter, Gauge } from 'prom-client';
 import { VolrepError } from '../errors.js';
+import { systemClock } from '../io/clock.js';
 import { tcpDialer } from '../io/net.js';
-import { type LinkSecurity, tlsDialer } from '../io/tls.js';
+import { type LinkSecurity, replicationListener, tlsDialer } from '../io/tls.js';
 import { TlsAcceptor } from '../io/tls-acceptor.js';
 import type { Dialer } from '../io/transport.js';
 import type { NbdTlsMode } from '../nbd/handshake.js';
 import { NbdServer, type NbdTls } from '../nbd/server.js';
 import { identityName, loadIdentity } from '../security/identity.js';
 import type { PrimaryNodeStatus } from '../shell/primary-node.js';
+import { PrimaryResponder } from '../shell/primary-responder.js';
 import { formatHostPort, type HostPort } from '../util/address.js';
 import { isLoopback } from '../util/loopback.js';
 import { FileDevice } from '../volume/file-device.js';
 import { readMeta } from '../volume/meta.js';
 import { DEFAULT_ACK_TIMEOUT_MS, Volume, type VolumeStatus } from '../volume/replicated.js';
 import { defaultMetaDir, VolumeFile } from '../volume/volume.js';
+import { type GenerationStatus, generationStatus } from './handshake-status.js';
 import { startHttp } from './http.js';
 import { type LinkSecurityOptions, resolveLinkSecurity } from './link-security.js';
 import { listenError } from './listen-error.js';
@@ -42,6 +46,8 @@ export interface PrimaryOptions {
   activityWindowBytes?: number;
   /** Replicate to this secondary. */
   peer?: HostPort;
+  /** Answer (and refuse) primaries that dial this replication address: a promoted replica's old one. */
+  listen?: HostPort;
   /** With a peer: whom to trust over TLS (the default), or plaintext on loopback. */
   link?: LinkSecurityOptions;
   mode?: 'async' | 'sync';
@@ -71,7 +77,10 @@ export interface ReplicationStatus {
   replica: { consistent: boolean; lastAckedUpdate: number };
 }
 
-export interface PrimaryStatus extends Partial<Omit<VolumeStatus, 'resync'>>, Partial<ReplicationStatus> {
+export interface PrimaryStatus
+  extends Partial<Omit<VolumeStatus, 'resync' | 'generations' | 'handshake'>>,
+    Partial<ReplicationStatus>,
+    Partial<GenerationStatus> {
   role: 'primary';
   volume: { path: string; id: string; size: number; regionSize: number };
   nbd: { address: string; export: string; connections: number };
@@ -129,6 +138,16 @@ async function openServed(opts: PrimaryOptions, authFailures: { count: number })
     link: dialer ? { dialer, assumeClean: opts.assumeClean ?? false } : undefined,
   });
   return { file: volume.file, device: volume.device, volume, security, close: () => volume.close() };
+}
+
+function listenOn(server: net.Server, at: HostPort): Promise<void> {
+  return new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen({ host: at.host, port: at.port, exclusive: true }, () => {
+      server.off('error', reject);
+      resolve();
+    });
+  });
 }
 
 /** The peer's state for a person: connecting, connected (in sync or streaming), resyncing, disconnected. */
@@ -197,6 +216,7 @@ export async function startPrimary(opts: PrimaryOptions): Promise<RunningPrimary
   const { file, volume } = served;
   const metrics = new Metrics();
   if (volume) registerEngineMetrics(metrics, volume, authFailures);
+  registerRoleMetric(metrics, 'primary');
   const nbd = new NbdServer(served.device, {
     exportName: opts.exportName,
     logger: opts.logger,
@@ -245,9 +265,54 @@ export async function startPrimary(opts: PrimaryOptions): Promise<RunningPrimary
       nbd: { address: nbdAddress, export: opts.exportName, connections: nbd.connectionCount },
     };
     if (!volume) return base;
-    const { resync: _resync, link: _link, ...engine } = volume.status();
-    return { ...base, ...engine, ...replicationStatus(volume.status()) };
+    const s = volume.status();
+    const { resync: _resync, link: _link, generations, handshake, ...engine } = s;
+    const generation = generationStatus(generations, handshake, {
+      side: 'primary',
+      connected: s.link?.state === 'streaming',
+      resyncBytesLeft: s.resync.active ? s.dirtyRegions * file.meta.regionSize : 0,
+    });
+    return { ...base, ...engine, ...generation, ...replicationStatus(s) };
   };
+  // A promoted replica's old replication address: an old primary that kept serving dials it and
+  // is told (and this side learns) what the generations say, typically a split brain.
+  let responderServer: net.Server | undefined;
+  let responder: PrimaryResponder | undefined;
+  if (opts.listen && volume) {
+    const node = volume.node;
+    responder = new PrimaryResponder(
+      { volumeId: file.meta.volumeId, size: file.size, regionSize: file.meta.regionSize },
+      () => node.status().generations,
+      systemClock,
+      opts.logger,
+      (report) => {
+        opts.logger.error(
+          { decision: report.decision, reason: report.reason },
+          'a primary dialed this primary',
+        );
+        node.reportHandshake(report);
+      },
+    );
+    const answer = responder;
+    responderServer = replicationListener({
+      security: served.security,
+      onRefused: (f) => {
+        authFailures.count += 1;
+        opts.logger.warn(
+          { peer: f.remote, fingerprint: f.fingerprint, reason: f.reason },
+          'replication connection refused',
+        );
+      },
+      onConnection: (connection) => answer.accept(connection),
+    });
+    try {
+      await listenOn(responderServer, opts.listen);
+    } catch (err) {
+      await nbd.close();
+      await served.close();
+      throw listenError(err, 'replication', opts.listen);
+    }
+  }
   const routes: Record<string, () => unknown> = volume
     ? { '/dirty': () => ({ regionSize: file.meta.regionSize, ranges: volume.dirtyRanges() }) }
     : {};
@@ -269,6 +334,7 @@ export async function startPrimary(opts: PrimaryOptions): Promise<RunningPrimary
       nbd: nbdAddress,
       http: httpAddress,
       peer: opts.peer,
+      listen: opts.listen && formatHostPort(opts.listen),
       replicationTls: opts.peer ? served.security !== undefined : undefined,
       fingerprint: served.security?.identity.fingerprint,
       nbdTls: opts.nbdTls?.mode ?? 'off',
@@ -292,6 +358,8 @@ export async function startPrimary(opts: PrimaryOptions): Promise<RunningPrimary
       closing ??= (async () => {
         await nbd.close();
         await http?.close();
+        responder?.close();
+        if (responderServer) await new Promise<void>((resolve) => responderServer.close(() => resolve()));
         await served.close();
         opts.logger.info('primary stopped');
       })();
@@ -359,4 +427,20 @@ function registerEngineMetrics(metrics: Metrics, volume: Volume, authFailures: {
   gauge('volrep_peer_connected', '1 while connected to the secondary', () =>
     node().link?.state === 'streaming' ? 1 : 0,
   );
+  gauge(
+    'volrep_split_brain',
+    '1 while the last handshake found a split brain (both sides wrote apart)',
+    () => (node().handshake?.decision === 'splitBrain' ? 1 : 0),
+  );
+}
+
+/** volrep_role{role="primary"|"secondary"} 1: which role this daemon serves in. */
+export function registerRoleMetric(metrics: Metrics, role: 'primary' | 'secondary'): void {
+  const g = new Gauge({
+    name: 'volrep_role',
+    help: 'The role this daemon serves in (label role)',
+    labelNames: ['role'],
+    registers: [metrics.registry],
+  });
+  g.set({ role }, 1);
 }

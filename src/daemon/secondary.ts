@@ -16,15 +16,20 @@ import { identityName } from '../security/identity.js';
 import { SecondaryNode } from '../shell/secondary-node.js';
 import { formatHostPort, type HostPort } from '../util/address.js';
 import { FileDevice } from '../volume/file-device.js';
-import { openMetadataFile, REPLICA_STATE_FILE, VolumeFile } from '../volume/volume.js';
+import { becomeSecondary, discardLocalChanges } from '../volume/roles.js';
+import { BITMAP_FILE, LOG_FILE, openMetadataFile, REPLICA_STATE_FILE, VolumeFile } from '../volume/volume.js';
+import { type GenerationStatus, generationStatus } from './handshake-status.js';
 import { startHttp } from './http.js';
 import { type LinkSecurityOptions, resolveLinkSecurity } from './link-security.js';
 import { listenError } from './listen-error.js';
 import { Metrics } from './metrics.js';
+import { registerRoleMetric } from './primary.js';
 
 export interface SecondaryOptions {
   volumePath: string;
   metaDir?: string;
+  /** Give up the writes this side made while apart (its generation returns to the shared one). */
+  discardLocalChanges?: boolean;
   listen: HostPort;
   http?: HostPort;
   /** Whom to accept over TLS (the default), or plaintext on loopback. */
@@ -44,29 +49,39 @@ export interface SecondaryStatus {
   peer: { address: string | null; state: 'waiting' | 'connected'; tls: boolean; fingerprint: string | null };
   lastAppliedUpdate: number;
   consistent: boolean;
+  ownDirtyRegions: number;
 }
+
+export type SecondaryFullStatus = SecondaryStatus & GenerationStatus;
 
 export interface RunningSecondary {
   listenAddress: string;
   httpAddress?: string;
   /** This node's certificate fingerprint (null in plaintext). */
   fingerprint: string | null;
-  status(): SecondaryStatus;
+  status(): SecondaryFullStatus;
   close(): Promise<void>;
 }
 
 export async function startSecondary(opts: SecondaryOptions): Promise<RunningSecondary> {
+  const first = await VolumeFile.open(opts.volumePath, { metaDir: opts.metaDir });
+  const wasPrimary = first.meta.role === 'primary';
+  await first.close();
+  if (wasPrimary) {
+    // An old primary started as a secondary without 'volrep demote': it keeps what it wrote
+    // apart, so a peer that also wrote meets it as a split brain (never overwritten silently).
+    const change = await becomeSecondary(opts.volumePath, { metaDir: opts.metaDir, giveUp: false });
+    opts.logger.warn(
+      { generation: change.after.current, base: change.after.base },
+      "this volume was a primary and was not demoted: it is a secondary now and keeps the writes it made while apart ('volrep demote' gives them up)",
+    );
+  }
   const volume = await VolumeFile.open(opts.volumePath, { metaDir: opts.metaDir });
   let stateFile: NodeBlockFile | undefined;
+  const metaFiles: NodeBlockFile[] = [];
   let node: SecondaryNode;
   let security: LinkSecurity | undefined;
   try {
-    if (volume.meta.role !== 'secondary') {
-      throw new VolrepError(
-        'VOLREP_ERR_META',
-        `${opts.volumePath} was created as a primary; create the replica with 'volrep create --secondary-of <primary volume id>'`,
-      );
-    }
     security = await resolveLinkSecurity(
       opts.link,
       volume.metaDir,
@@ -80,8 +95,33 @@ export async function startSecondary(opts: SecondaryOptions): Promise<RunningSec
       REPLICA_STATE_FILE,
       'the replica state says which updates are durable here and whether the replica is consistent',
     );
+    if (opts.discardLocalChanges) {
+      const [before, after] = await discardLocalChanges(stateFile, volume.meta.volumeId);
+      if (before === after)
+        opts.logger.info(
+          { generation: before.current },
+          '--discard-local-changes: no writes made apart to discard',
+        );
+      else
+        opts.logger.warn(
+          { discarded: before.current, generation: after.current },
+          '--discard-local-changes: the writes this side made apart are given up; the primary overwrites them',
+        );
+    }
+    const log = await openMetadataFile(
+      volume.metaDir,
+      LOG_FILE,
+      'the transaction log says which regions this side wrote',
+    );
+    metaFiles.push(log);
+    const bitmap = await openMetadataFile(
+      volume.metaDir,
+      BITMAP_FILE,
+      'the bitmap says which regions this side may hold differently',
+    );
+    metaFiles.push(bitmap);
     node = await SecondaryNode.open(
-      { replica: new FileDevice(volume.fd, volume.size), state: stateFile },
+      { replica: new FileDevice(volume.fd, volume.size), state: stateFile, log, bitmap },
       { volumeId: volume.meta.volumeId, size: volume.size, regionSize: volume.meta.regionSize },
       { clock: systemClock, logger: opts.logger, onFailure: opts.onFailure },
     ).catch((err: unknown) => {
@@ -91,6 +131,7 @@ export async function startSecondary(opts: SecondaryOptions): Promise<RunningSec
     });
   } catch (err) {
     await stateFile?.close();
+    for (const f of metaFiles) await f.close();
     await volume.close();
     throw err;
   }
@@ -112,6 +153,15 @@ export async function startSecondary(opts: SecondaryOptions): Promise<RunningSec
       this.inc(node.counters.acks);
     },
   });
+  new Gauge({
+    name: 'volrep_split_brain',
+    help: '1 while the last handshake found a split brain (both sides wrote apart)',
+    registers: [metrics.registry],
+    collect() {
+      this.set(node.status().handshake?.decision === 'splitBrain' ? 1 : 0);
+    },
+  });
+  registerRoleMetric(metrics, 'secondary');
   const authFailures = new Counter({
     name: 'volrep_peer_auth_failures_total',
     help: 'Replication connections refused: unknown, wrong or expired certificate, no TLS, a handshake that failed or took too long',
@@ -132,6 +182,7 @@ export async function startSecondary(opts: SecondaryOptions): Promise<RunningSec
   const closeStorage = async () => {
     await node.close();
     await stateFile.close();
+    for (const f of metaFiles) await f.close();
     await volume.close();
   };
   let listenAddress: string;
@@ -151,23 +202,33 @@ export async function startSecondary(opts: SecondaryOptions): Promise<RunningSec
     throw listenError(err, 'replication', opts.listen);
   }
   const fingerprint = security?.identity.fingerprint ?? null;
-  const status = (): SecondaryStatus => ({
-    role: 'secondary',
-    volume: {
-      path: path.resolve(volume.path),
-      id: volume.meta.volumeId,
-      size: volume.size,
-      regionSize: volume.meta.regionSize,
-    },
-    listen: listenAddress,
-    tls: security !== undefined,
-    fingerprint,
-    ...node.status(),
-  });
+  const status = (): SecondaryFullStatus => {
+    const { generations, handshake, ...s } = node.status();
+    return {
+      ...generationStatus(generations, handshake, {
+        side: 'secondary',
+        connected: s.peer.state === 'connected',
+        consistent: s.consistent,
+      }),
+      role: 'secondary',
+      volume: {
+        path: path.resolve(volume.path),
+        id: volume.meta.volumeId,
+        size: volume.size,
+        regionSize: volume.meta.regionSize,
+      },
+      listen: listenAddress,
+      tls: security !== undefined,
+      fingerprint,
+      ...s,
+    };
+  };
   let http: Awaited<ReturnType<typeof startHttp>> | undefined;
   if (opts.http) {
     try {
-      http = await startHttp(opts.http.host, opts.http.port, status, metrics.registry, opts.logger);
+      http = await startHttp(opts.http.host, opts.http.port, status, metrics.registry, opts.logger, {
+        '/dirty': () => ({ regionSize: volume.meta.regionSize, ranges: node.ownDirtyRanges() }),
+      });
     } catch (err) {
       await new Promise<void>((resolve) => server.close(() => resolve()));
       await closeStorage();
@@ -182,7 +243,10 @@ export async function startSecondary(opts: SecondaryOptions): Promise<RunningSec
       http: httpAddress,
       tls: security !== undefined,
       fingerprint,
-      ...node.status(),
+      lastAppliedUpdate: node.status().lastAppliedUpdate,
+      consistent: node.status().consistent,
+      generation: node.status().generations.current,
+      ownDirtyRegions: node.status().ownDirtyRegions,
     },
     'secondary serving',
   );

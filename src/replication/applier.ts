@@ -10,6 +10,7 @@
  * consistent again only after the last one is durable.
  */
 import type { BlockDevice } from '../io/block-device.js';
+import { adoptGeneration, type GenerationId, type Generations } from './generations.js';
 import type { UpdateHeader } from './messages.js';
 
 export interface ReplicaState {
@@ -17,6 +18,8 @@ export interface ReplicaState {
   lastAppliedUpdate: number;
   /** False while a resync is in progress (the replica is not a state the primary ever had). */
   consistent: boolean;
+  /** The generation of the replica's data (DESIGN.md §7): the sender's, taken when a resync ends. */
+  generations: Generations;
 }
 
 export interface ReplicaStateStore {
@@ -27,11 +30,13 @@ export type ApplierOp =
   | { kind: 'update'; update: UpdateHeader; data: Buffer[] }
   | { kind: 'barrier' }
   | { kind: 'resyncBegin' }
-  | { kind: 'resyncEnd' };
+  /** `adopt`: the sender's generation, which the replica takes in the record that makes it consistent. */
+  | { kind: 'resyncEnd'; adopt: GenerationId };
 
 export class Applier {
   private durable: ReplicaState;
   private consistentWanted: boolean;
+  private generationsWanted: Generations;
   /** Highest id written to the replica (durable or not) and highest id accepted into the queue. */
   private appliedId: number;
   private acceptedId: number;
@@ -57,12 +62,22 @@ export class Applier {
   ) {
     this.durable = { ...initial };
     this.consistentWanted = initial.consistent;
+    this.generationsWanted = initial.generations;
     this.appliedId = initial.lastAppliedUpdate;
     this.acceptedId = initial.lastAppliedUpdate;
   }
 
   get state(): ReplicaState {
     return { ...this.durable };
+  }
+
+  /** Whether everything wanted (ids, consistency, generation) is in the durable record. */
+  private recorded(): boolean {
+    return (
+      this.appliedId === this.durable.lastAppliedUpdate &&
+      this.consistentWanted === this.durable.consistent &&
+      this.generationsWanted === this.durable.generations
+    );
   }
 
   get queuedBytes(): number {
@@ -110,11 +125,7 @@ export class Applier {
   private isIdle(): boolean {
     return (
       this.failure !== undefined ||
-      (this.queue.length === 0 &&
-        !this.blocked &&
-        this.syncRunning === undefined &&
-        this.appliedId === this.durable.lastAppliedUpdate &&
-        this.consistentWanted === this.durable.consistent)
+      (this.queue.length === 0 && !this.blocked && this.syncRunning === undefined && this.recorded())
     );
   }
 
@@ -126,7 +137,10 @@ export class Applier {
         continue;
       }
       if (op.kind === 'resyncBegin') this.consistentWanted = false;
-      if (op.kind === 'resyncEnd') this.consistentWanted = true;
+      if (op.kind === 'resyncEnd') {
+        this.consistentWanted = true;
+        this.generationsWanted = adoptGeneration(this.generationsWanted, op.adopt);
+      }
       // Barrier, and both resync marks: a sync point. Nothing after it is written until everything
       // before it (and the consistency mark) is durable.
       this.blocked = true;
@@ -165,11 +179,7 @@ export class Applier {
       this.syncWanted = true;
       return;
     }
-    if (
-      this.appliedId === this.durable.lastAppliedUpdate &&
-      this.consistentWanted === this.durable.consistent
-    )
-      return;
+    if (this.recorded()) return;
     this.syncRunning = this.syncOnce().finally(() => {
       this.syncRunning = undefined;
       if (this.syncWanted) {
@@ -187,17 +197,17 @@ export class Applier {
         await this.syncRunning;
         continue;
       }
-      if (
-        this.appliedId === this.durable.lastAppliedUpdate &&
-        this.consistentWanted === this.durable.consistent
-      )
-        return;
+      if (this.recorded()) return;
       this.requestSync();
     }
   }
 
   private async syncOnce(): Promise<void> {
-    const target: ReplicaState = { lastAppliedUpdate: this.appliedId, consistent: this.consistentWanted };
+    const target: ReplicaState = {
+      lastAppliedUpdate: this.appliedId,
+      consistent: this.consistentWanted,
+      generations: this.generationsWanted,
+    };
     try {
       // Data first, then the record that says it is there (H14).
       await new Promise<void>((resolve, reject) =>
@@ -212,7 +222,8 @@ export class Applier {
     // state that made it durable, never from an earlier batch (defect: it used to guess).
     const changed =
       target.lastAppliedUpdate > this.durable.lastAppliedUpdate ||
-      target.consistent !== this.durable.consistent;
+      target.consistent !== this.durable.consistent ||
+      target.generations !== this.durable.generations;
     this.durable = target;
     if (changed) this.onDurable({ ...target });
   }

@@ -13,8 +13,8 @@ import { WRITE_BYTES_MAX } from '../core/engine.js';
 import type { ChunkQueue } from '../io/chunk-queue.js';
 
 export const FRAME_MAGIC = 0x5652504c; // 'VRPL'
-/** 2: acks carry the replica's durable consistency mark. */
-export const PROTOCOL_VERSION = 2;
+/** 2: acks carry the replica's durable consistency mark. 3: data generations in the handshake. */
+export const PROTOCOL_VERSION = 3;
 export const FRAME_HEADER_BYTES = 20;
 /** Bytes an update frame needs beyond its data (its header fields, with room to spare). */
 export const FRAME_UPDATE_OVERHEAD_BYTES = 64;
@@ -31,6 +31,7 @@ export const FrameType = {
   keepAlive: 7,
   resyncBegin: 8,
   resyncEnd: 9,
+  dirtyBitmap: 10,
 } as const;
 export type FrameTypeName = keyof typeof FrameType;
 const TYPE_NAMES = new Map<number, FrameTypeName>(

@@ -37,6 +37,9 @@ export type HandshakeDecision =
   /** Nothing in common. */
   | 'unrelated';
 
+/** What a handshake may end in: a decision of the table, or a peer that is a primary too. */
+export type HandshakeOutcome = HandshakeDecision | 'peerIsPrimary';
+
 interface Rule {
   /** What the two histories say, in words (the README reproduces this table). */
   readonly when: string;
@@ -105,7 +108,8 @@ export function giveUpGeneration(g: Generations): Generations {
 
 /** The receiver of a resync, when it ends (durably consistent): takes the sender's generation. */
 export function adoptGeneration(g: Generations, senderCurrent: GenerationId): Generations {
-  const history = g.current === null || g.current === senderCurrent ? g.history : pushHistory(g.history, g.current);
+  const history =
+    g.current === null || g.current === senderCurrent ? g.history : pushHistory(g.history, g.current);
   return { current: senderCurrent, base: null, history };
 }
 
@@ -140,4 +144,43 @@ export function parseGenerations(v: unknown): Generations | undefined {
 export function shortGeneration(id: GenerationId | null): string {
   if (id === null) return 'none';
   return id.startsWith('legacy-') ? 'legacy' : id.slice(0, 8);
+}
+
+/**
+ * Why a handshake was refused, with what to run — the same words on both sides (the primary
+ * logs what the secondary sent, or what it decided itself).
+ */
+export function describeRefusal(
+  decision: HandshakeDecision,
+  secondary: Generations,
+  primary: Generations,
+): string {
+  const p = shortGeneration(primary.current);
+  const s = shortGeneration(secondary.current);
+  switch (decision) {
+    case 'peerNewer':
+      return (
+        `the secondary (generation ${s}) wrote while apart and holds newer data than the primary (generation ${p}): ` +
+        `replicating this way would overwrite it. Reverse the roles ('volrep demote' on the primary's side, 'volrep promote' on the ` +
+        `secondary's), or throw the secondary's writes away with 'volrep secondary --discard-local-changes'`
+      );
+    case 'splitBrain':
+      return (
+        `split brain: both sides wrote while apart since generation ${shortGeneration(primary.base)} ` +
+        `(primary ${p}, secondary ${s}); nothing was written. On the side whose writes are to be thrown away, ` +
+        `run 'volrep secondary --discard-local-changes' (after 'volrep demote' if it is a primary)`
+      );
+    case 'fullOnRequest':
+      return (
+        `the secondary holds generation ${s}, which the primary (${p}) left behind and no longer tracks changes since: ` +
+        `a full sync is needed, re-create the secondary with 'volrep create --force --secondary-of <volume id>'`
+      );
+    case 'unrelated':
+      return (
+        `the primary (generation ${p}) and the secondary (${s}) share no generation: unrelated data. ` +
+        `To sync the secondary in full, re-create it with 'volrep create --force --secondary-of <volume id>'`
+      );
+    default:
+      return `handshake decided ${decision}`;
+  }
 }

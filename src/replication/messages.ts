@@ -4,6 +4,7 @@
  */
 import assert from 'node:assert/strict';
 import { FRAME_UPDATE_OVERHEAD_BYTES, type FrameTypeName, payloadBytes, type RawFrame } from './frames.js';
+import { type Generations, type HandshakeDecision, parseGenerations } from './generations.js';
 
 export type UpdateKind = 'data' | 'zero' | 'trim';
 const KIND_CODES: Record<UpdateKind, number> = { data: 0, zero: 1, trim: 2 };
@@ -17,6 +18,8 @@ export interface Hello {
   size: number;
   regionSize: number;
   role: 'primary';
+  /** The sender's generations, as of this hello (DESIGN.md §7). */
+  generations: Generations;
 }
 
 export interface Welcome {
@@ -27,6 +30,23 @@ export interface Welcome {
   /** Highest update id whose data is durable on the replica (H14). */
   lastAppliedUpdate: number;
   consistent: boolean;
+  generations: Generations;
+  /** Regions the replica itself may hold differently (a demoted primary's unacked writes); sent before the welcome as dirtyBitmap frames. */
+  dirtyRegions: number;
+}
+
+/** Why a handshake was refused, and (when generations decided it) the refusing side's view. */
+export interface Refusal {
+  reason: string;
+  decision?: HandshakeDecision;
+  role?: 'primary' | 'secondary';
+  generations?: Generations;
+}
+
+/** A piece of the replica's own dirty bitmap: `bits` start at byte `byteOffset` of it. */
+export interface DirtyBitmapPiece {
+  byteOffset: number;
+  bits: Buffer;
 }
 
 /** The replica's durable state, sent whenever it changes: every id ≤ `id` is durable there. */
@@ -47,7 +67,8 @@ export interface UpdateHeader {
 export type Message =
   | { type: 'hello'; hello: Hello }
   | { type: 'welcome'; welcome: Welcome }
-  | { type: 'refuse'; reason: string }
+  | { type: 'refuse'; refusal: Refusal }
+  | { type: 'dirtyBitmap'; piece: DirtyBitmapPiece }
   | { type: 'update'; update: UpdateHeader; data: Buffer[] }
   | { type: 'barrier'; id: number }
   | { type: 'ack'; ack: Ack }
@@ -84,6 +105,24 @@ export function encodeAck(ack: Ack): Buffer {
   return b;
 }
 
+export function encodeDirtyBitmap(piece: DirtyBitmapPiece): Buffer[] {
+  const head = Buffer.alloc(8);
+  writeU64(head, 0, piece.byteOffset);
+  return [head, piece.bits];
+}
+
+/** Bytes of the dirty bitmap per frame. */
+export const DIRTY_BITMAP_PIECE_BYTES = 64 * 1024;
+
+const DECISIONS: readonly HandshakeDecision[] = [
+  'fullSync',
+  'resync',
+  'peerNewer',
+  'splitBrain',
+  'fullOnRequest',
+  'unrelated',
+];
+
 export function encodeJson(value: object): Buffer {
   return Buffer.from(JSON.stringify(value));
 }
@@ -97,7 +136,9 @@ export function decodeMessage(frame: RawFrame): Message | { type: 'invalid'; rea
       if (v.role !== 'primary') return invalid("role is not 'primary'");
       const common = commonFields(v);
       if (typeof common === 'string') return invalid(common);
-      return { type: 'hello', hello: { ...common, role: 'primary' } };
+      const generations = parseGenerations(v.generations);
+      if (generations === undefined || generations.current === null) return invalid('bad generations');
+      return { type: 'hello', hello: { ...common, role: 'primary', generations } };
     }
     case 'welcome': {
       const v = parseJson(frame);
@@ -107,6 +148,9 @@ export function decodeMessage(frame: RawFrame): Message | { type: 'invalid'; rea
       if (typeof common === 'string') return invalid(common);
       if (!isCount(v.lastAppliedUpdate)) return invalid('lastAppliedUpdate is not a count');
       if (typeof v.consistent !== 'boolean') return invalid('consistent is not a boolean');
+      const generations = parseGenerations(v.generations);
+      if (generations === undefined) return invalid('bad generations');
+      if (!isCount(v.dirtyRegions)) return invalid('dirtyRegions is not a count');
       return {
         type: 'welcome',
         welcome: {
@@ -114,12 +158,38 @@ export function decodeMessage(frame: RawFrame): Message | { type: 'invalid'; rea
           role: 'secondary',
           lastAppliedUpdate: v.lastAppliedUpdate,
           consistent: v.consistent,
+          generations,
+          dirtyRegions: v.dirtyRegions,
         },
       };
     }
     case 'refuse': {
-      if (frame.payloadLength > JSON_PAYLOAD_BYTES_MAX) return invalid('reason too long');
-      return { type: 'refuse', reason: payloadBytes(frame).toString('utf8') };
+      const v = parseJson(frame);
+      if (typeof v === 'string') return invalid(v);
+      if (typeof v.reason !== 'string') return invalid('reason is not a string');
+      const refusal: Refusal = { reason: v.reason };
+      if (v.decision !== undefined) {
+        if (!DECISIONS.includes(v.decision as HandshakeDecision)) return invalid('unknown decision');
+        refusal.decision = v.decision as HandshakeDecision;
+      }
+      if (v.role !== undefined) {
+        if (v.role !== 'primary' && v.role !== 'secondary') return invalid('unknown role');
+        refusal.role = v.role;
+      }
+      if (v.generations !== undefined) {
+        const generations = parseGenerations(v.generations);
+        if (generations === undefined) return invalid('bad generations');
+        refusal.generations = generations;
+      }
+      return { type: 'refuse', refusal };
+    }
+    case 'dirtyBitmap': {
+      if (frame.payloadLength <= 8 || frame.payloadLength > 8 + DIRTY_BITMAP_PIECE_BYTES)
+        return invalid('bad length');
+      const b = payloadBytes(frame);
+      const byteOffset = readU64(b, 0);
+      if (byteOffset === undefined) return invalid('offset out of range');
+      return { type: 'dirtyBitmap', piece: { byteOffset, bits: Buffer.from(b.subarray(8)) } };
     }
     case 'update': {
       if (frame.payloadLength < UPDATE_HEADER_BYTES) return invalid('too short');

@@ -2,7 +2,9 @@
  * The primary's end of the replication link, sans-I/O: bytes and time in, frames and commands
  * out. It connects (and reconnects with capped exponential backoff), says hello, checks the
  * welcome, decides whether the replica needs a full sync, then carries the engine's ordered
- * stream out and the replica's durable state (acks) back.
+ * stream out and the replica's durable state (acks) back. Whether this side may write there at
+ * all is the data generations' decision (generations.ts), taken on the welcome, or the
+ * secondary's refusal, which says why.
  *
  * Dev notes. The shell feeds `handleOpen/Data/Close/Timeout` and the engine's stream
  * (`sendUpdate`, `sendBarrier`, `sendResyncBegin`, `handleAllDirtyDurable`, `drop`), then drains
@@ -11,16 +13,20 @@
  * told about the link only through actions (`engineConnected`, `engineAck`, ...), so the order
  * of everything that reaches it is the order of this machine's actions.
  */
+import { IndicatorMap } from '../core/indicator-map.js';
 import { VolrepError } from '../errors.js';
 import { ChunkQueue } from '../io/chunk-queue.js';
 import { encodeFrame, FrameDecoder } from './frames.js';
+import { decideHandshake, describeRefusal, type Generations, type HandshakeOutcome } from './generations.js';
 import {
   type Ack,
+  type DirtyBitmapPiece,
   decodeMessage,
   encodeId,
   encodeJson,
   encodeUpdateHeader,
   type Message,
+  type Refusal,
   UPDATE_FLAG_RESYNC,
   type UpdateHeader,
   type Welcome,
@@ -93,23 +99,36 @@ export type PrimarySessionAction =
   | { type: 'engineConnected'; lastApplied: number; replicaConsistent: boolean }
   | { type: 'engineAck'; id: number }
   | { type: 'engineDisconnected' }
-  /** The engine: mark every region dirty (durably) for a full sync; handleAllDirtyDurable follows. */
-  | { type: 'markAllDirty' }
+  /**
+   * The engine: mark regions dirty durably before anything is sent — all of them for a full
+   * sync, or those in `bits` (the secondary's own dirty bitmap); handleAllDirtyDurable follows.
+   */
+  | { type: 'markDirty'; bits?: Uint8Array }
   /** Record durably that a replica of this primary has been consistent (for --assume-clean). */
-  | { type: 'persistPairState'; state: PairState }
+  | { type: 'replicaEverSynced' }
+  /** The replica became consistent (a resync ended): a good moment to persist the cleaner bitmap. */
+  | { type: 'replicaConsistent' }
+  /** The secondary durably holds this side's generation: drop the base (nothing apart any more). */
+  | { type: 'peerHoldsGeneration' }
+  /** What the generations decided on this connection (for status, logs and metrics). */
+  | { type: 'handshake'; decision: HandshakeOutcome; peer: Generations | null; reason?: string }
   | { type: 'log'; level: LogLevel; msg: string; fields?: Record<string, unknown> };
 
 /** What the primary keeps about the pair across restarts (the pair-state file). */
 export interface PairState {
   /** A replica of this primary has been consistent at least once. */
   replicaEverSynced: boolean;
+  /** The generation of this side's data (DESIGN.md §7). */
+  generations: Generations;
 }
 
 export interface PrimarySessionOptions {
   hello: { volumeId: string; size: number; regionSize: number };
   /** Both volumes are known identical at the pair's birth: no initial full sync. */
   assumeClean: boolean;
-  pairState: PairState;
+  replicaEverSynced: boolean;
+  /** This side's generations now (the shell owns and persists them). */
+  generations: () => Generations;
   /** No frame at all from the secondary for this long means the link is dead. */
   silenceMsMax?: number;
 }
@@ -141,11 +160,19 @@ export class PrimarySession {
   private lastAcked = 0;
   private connections = 0;
   private reconnects = 0;
-  private pairState: PairState;
+  private replicaEverSynced: boolean;
   private readonly silenceMsMax: number;
+  /** The generations the hello of this connection carried. */
+  private helloGenerations: Generations | undefined;
+  /** The secondary's own dirty bitmap, as its pieces arrive before the welcome. */
+  private peerDirty: Uint8Array | undefined;
+  private readonly bitmapBytes: number;
+  private readonly regionCount: number;
 
   constructor(private readonly opts: PrimarySessionOptions) {
-    this.pairState = { ...opts.pairState };
+    this.replicaEverSynced = opts.replicaEverSynced;
+    this.regionCount = Math.ceil(opts.hello.size / opts.hello.regionSize);
+    this.bitmapBytes = IndicatorMap.byteLength(this.regionCount);
     this.silenceMsMax = opts.silenceMsMax ?? PEER_SILENCE_MS_MAX;
   }
 
@@ -209,7 +236,11 @@ export class PrimarySession {
     if (this.linkState !== 'connecting') return; // a connection we already gave up on
     this.move('open');
     this.lastHeardMs = now;
-    this.send('hello', [encodeJson({ ...this.opts.hello, role: 'primary' })]);
+    this.helloGenerations = this.opts.generations();
+    this.peerDirty = undefined;
+    this.send('hello', [
+      encodeJson({ ...this.opts.hello, role: 'primary', generations: this.helloGenerations }),
+    ]);
   }
 
   handleData(chunk: Buffer, now: number): void {
@@ -306,12 +337,8 @@ export class PrimarySession {
 
   private handleMessage(message: Message): void {
     if (this.linkState === 'greeting') {
-      if (message.type === 'refuse') {
-        this.log('error', 'the secondary refused this primary', { reason: message.reason });
-        this.move('refused');
-        this.emit({ type: 'close', reason: `refused by the secondary: ${message.reason}` });
-        return;
-      }
+      if (message.type === 'refuse') return this.handleRefusal(message.refusal);
+      if (message.type === 'dirtyBitmap') return this.handleDirtyPiece(message.piece);
       if (message.type !== 'welcome') return this.fail(`expected welcome, got ${message.type}`);
       return this.handleWelcome(message.welcome);
     }
@@ -325,6 +352,27 @@ export class PrimarySession {
     }
   }
 
+  private handleRefusal(refusal: Refusal): void {
+    this.log('error', 'the secondary refused this primary', {
+      reason: refusal.reason,
+      ...(refusal.decision && { decision: refusal.decision }),
+    });
+    const decision = refusal.decision ?? (refusal.role === 'primary' ? 'peerIsPrimary' : undefined);
+    if (decision !== undefined)
+      this.emit({ type: 'handshake', decision, peer: refusal.generations ?? null, reason: refusal.reason });
+    this.move('refused');
+    this.emit({ type: 'close', reason: `refused by the secondary: ${refusal.reason}` });
+  }
+
+  private handleDirtyPiece(piece: DirtyBitmapPiece): void {
+    if (piece.byteOffset + piece.bits.length > this.bitmapBytes)
+      return this.fail(
+        `the secondary's dirty bitmap reaches beyond the volume's ${this.bitmapBytes} bytes of it`,
+      );
+    this.peerDirty ??= new Uint8Array(this.bitmapBytes);
+    this.peerDirty.set(piece.bits, piece.byteOffset);
+  }
+
   private handleWelcome(welcome: Welcome): void {
     const { hello } = this.opts;
     if (
@@ -336,6 +384,31 @@ export class PrimarySession {
         `the secondary welcomed another volume (${welcome.volumeId}, ${welcome.size} bytes, regions of ${welcome.regionSize})`,
       );
     }
+    const own = this.opts.generations();
+    // A write apart started a new generation after the hello went out: the secondary would take
+    // the old one at the resync's end. Say hello again with the new one.
+    if (own !== this.helloGenerations)
+      return this.fail('this side started a new generation during the handshake');
+    const decision = decideHandshake(own, welcome.generations);
+    if (decision !== 'resync' && decision !== 'fullSync') {
+      const reason = describeRefusal(decision, welcome.generations, own);
+      this.log('error', 'the generations forbid replicating to this secondary', { decision, reason });
+      this.emit({ type: 'handshake', decision, peer: welcome.generations, reason });
+      return this.fail(reason);
+    }
+    const peerDirty = this.peerDirty;
+    this.peerDirty = undefined;
+    let peerDirtyCount = 0;
+    try {
+      if (peerDirty !== undefined) peerDirtyCount = IndicatorMap.fromBytes(this.regionCount, peerDirty).count;
+    } catch {
+      return this.fail("the secondary's dirty bitmap names regions beyond the volume");
+    }
+    if (peerDirtyCount !== welcome.dirtyRegions)
+      return this.fail(
+        `the secondary announced ${welcome.dirtyRegions} dirty regions of its own and sent ${peerDirtyCount}`,
+      );
+    this.emit({ type: 'handshake', decision, peer: welcome.generations });
     this.welcome = welcome;
     this.connections += 1;
     this.keepAliveAtMs = this.lastHeardMs + KEEP_ALIVE_INTERVAL_MS;
@@ -349,8 +422,8 @@ export class PrimarySession {
     // A replica that never received anything holds unknown bytes. --assume-clean speaks of the
     // pair's birth only: once a replica of this primary has been consistent, a replica without
     // history (say, one re-created) gets a full sync.
-    const virgin = welcome.lastAppliedUpdate === 0 && !welcome.consistent;
-    const assumeClean = this.opts.assumeClean && !this.pairState.replicaEverSynced;
+    const virgin = decision === 'fullSync';
+    const assumeClean = this.opts.assumeClean && !this.replicaEverSynced;
     if (virgin && this.opts.assumeClean && !assumeClean) {
       this.log(
         'warn',
@@ -360,11 +433,27 @@ export class PrimarySession {
     if (virgin && !assumeClean) {
       this.log('info', 'the replica has never been synchronised: full initial sync');
       this.move('welcomeFullSync');
-      this.emit({ type: 'markAllDirty' });
+      this.emit({ type: 'markDirty' });
       return;
     }
+    if (peerDirty !== undefined && peerDirtyCount > 0) {
+      // Regions the secondary itself may hold differently (its unacked writes as a primary):
+      // dirty here, durably, before the resync that sends them.
+      this.log('info', 'the secondary holds regions of its own that may differ: resyncing them too', {
+        regions: peerDirtyCount,
+      });
+      this.move('welcomeFullSync');
+      this.emit({ type: 'markDirty', bits: peerDirty });
+      return;
+    }
+    if (welcome.consistent && welcome.generations.current === own.current && own.base !== null)
+      this.emit({ type: 'peerHoldsGeneration' });
     this.move('welcome');
-    this.connectEngine(welcome.lastAppliedUpdate, welcome.consistent);
+    // A replica of another generation takes this side's at the resync's end: there must be one.
+    this.connectEngine(
+      welcome.lastAppliedUpdate,
+      welcome.consistent && welcome.generations.current === own.current,
+    );
   }
 
   private handleAck(ack: Ack): void {
@@ -375,12 +464,26 @@ export class PrimarySession {
     }
     if (ack.id < this.lastAcked) return this.fail(`ack for ${ack.id} after ack for ${this.lastAcked}`);
     this.lastAcked = ack.id;
+    const becameConsistent = ack.consistent && !this.replicaConsistent;
     this.replicaConsistent = ack.consistent;
     this.emit({ type: 'engineAck', id: ack.id });
-    if (ack.consistent && !this.pairState.replicaEverSynced) {
-      this.pairState = { replicaEverSynced: true };
-      this.emit({ type: 'persistPairState', state: { ...this.pairState } });
+    if (!ack.consistent) return;
+    if (becameConsistent) this.emit({ type: 'replicaConsistent' });
+    if (!this.replicaEverSynced) {
+      this.replicaEverSynced = true;
+      this.emit({ type: 'replicaEverSynced' });
     }
+    // Consistent on this connection: the replica took this hello's generation (at its resync's end).
+    if (
+      this.opts.generations().base !== null &&
+      this.opts.generations().current === this.helloGenerations?.current
+    )
+      this.emit({ type: 'peerHoldsGeneration' });
+  }
+
+  /** This side's connection is up and streaming: writes now are in step with the secondary. */
+  inStep(): boolean {
+    return this.linkState === 'streaming';
   }
 
   private connectEngine(lastApplied: number, replicaConsistent: boolean): void {

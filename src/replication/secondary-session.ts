@@ -1,9 +1,12 @@
 /**
  * The secondary's end of one replication connection, sans-I/O: bytes and time in, frames and
- * commands out. It checks the primary's hello (volume id, size, region size), waits until the
- * replica's durable state is settled, welcomes the primary with it, then hands the stream to the
- * applier and acks the replica's durable state back each time it changes. A malformed frame or
- * a broken rule closes the connection with a reason; the replica is never touched by one.
+ * commands out. It checks the primary's hello (volume id, size, region size) and decides from
+ * both sides' data generations whether this primary may write here (generations.ts: refused,
+ * nothing is written, when this replica is newer, in a split brain, or unrelated). It then waits
+ * until the replica's durable state is settled, decides again on what is durable, welcomes the
+ * primary with it (and with the regions this side itself may hold differently), hands the stream
+ * to the applier and acks the replica's durable state back each time it changes. A malformed
+ * frame or a broken rule closes the connection with a reason; the replica is never touched by one.
  *
  * Dev notes. The shell feeds `handleData/Close/Timeout`, `handleSettled` (the applier is idle:
  * what it reports is durable) and `handleDurable` (the applier made more durable), then drains
@@ -13,7 +16,24 @@ import { VolrepError } from '../errors.js';
 import { ChunkQueue } from '../io/chunk-queue.js';
 import type { ApplierOp, ReplicaState } from './applier.js';
 import { encodeFrame, FrameDecoder } from './frames.js';
-import { decodeMessage, encodeAck, encodeJson, type Hello, type Message, type Welcome } from './messages.js';
+import {
+  decideHandshake,
+  describeRefusal,
+  type Generations,
+  type HandshakeDecision,
+  shortGeneration,
+} from './generations.js';
+import {
+  type DirtyBitmapPiece,
+  decodeMessage,
+  encodeAck,
+  encodeDirtyBitmap,
+  encodeJson,
+  type Hello,
+  type Message,
+  type Refusal,
+  type Welcome,
+} from './messages.js';
 import type { LogLevel } from './primary-session.js';
 
 /** A primary that has not said hello within this time is disconnected. */
@@ -30,7 +50,7 @@ const SECONDARY_TRANSITIONS: {
   readonly [S in SecondaryLinkState]: { readonly [E in SecondaryLinkEvent]?: SecondaryLinkState };
 } = {
   awaitingHello: { hello: 'settling', refused: 'closing', fail: 'closing', closed: 'closed' },
-  settling: { settled: 'streaming', fail: 'closing', closed: 'closed' },
+  settling: { settled: 'streaming', refused: 'closing', fail: 'closing', closed: 'closed' },
   streaming: { fail: 'closing', closed: 'closed' },
   closing: { closed: 'closed', fail: 'closing' },
   closed: { closed: 'closed', fail: 'closed' },
@@ -45,12 +65,27 @@ export type SecondarySessionAction =
   | { type: 'close'; reason: string }
   /** Send what is queued (a refusal), then close. */
   | { type: 'end'; reason: string }
+  /** The generations decided against this primary (nothing was written): report it. */
+  | { type: 'handshakeRefused'; decision: HandshakeDecision; peer: Generations; reason: string }
+  /** The generations decided for this primary. */
+  | { type: 'handshakeAccepted'; decision: HandshakeDecision; peer: Generations }
   | { type: 'log'; level: LogLevel; msg: string; fields?: Record<string, unknown> };
 
 export interface ReplicaIdentity {
   volumeId: string;
   size: number;
   regionSize: number;
+}
+
+/** The regions this replica itself may hold differently (its own dirty bitmap, in pieces). */
+export interface ReplicaDirty {
+  count: number;
+  pieces: DirtyBitmapPiece[];
+}
+
+/** A decision that lets a primary write here. */
+function accepts(decision: HandshakeDecision): boolean {
+  return decision === 'resync' || decision === 'fullSync';
 }
 
 export class SecondarySession {
@@ -62,10 +97,18 @@ export class SecondarySession {
   private readonly helloDeadlineMs: number;
   private lastHeardMs: number;
   private lastAckSent: ReplicaState | undefined;
+  private hello: Hello | undefined;
 
   constructor(
     private readonly replica: ReplicaIdentity,
     now: number,
+    /** The replica's durable generations now (read at the hello). */
+    private readonly generations: () => Generations,
+    /**
+     * This side is a primary answering on its old replication address: it refuses every hello,
+     * with both sides' generations, so that two primaries that wrote apart see the split brain.
+     */
+    private readonly asPrimary = false,
   ) {
     this.helloDeadlineMs = now + HELLO_TIMEOUT_MS;
     this.lastHeardMs = now;
@@ -112,14 +155,28 @@ export class SecondarySession {
     this.move('closed');
   }
 
-  /** The applier is idle: `state` is durable. Welcome the primary with it and start the stream. */
-  handleSettled(state: ReplicaState): void {
+  /**
+   * The applier is idle: `state` is durable. Decide again on it (an earlier connection's resync
+   * may have ended meanwhile), then welcome the primary with it, after this side's own dirty
+   * regions, and start the stream.
+   */
+  handleSettled(state: ReplicaState, dirty: ReplicaDirty): void {
     if (this.linkState !== 'settling') return;
+    const hello = this.hello!;
+    const decision = decideHandshake(hello.generations, state.generations);
+    if (!accepts(decision)) return this.refuse(decision, state.generations);
     this.move('settled');
-    const welcome: Welcome = { ...this.replica, role: 'secondary', ...state };
+    for (const piece of dirty.pieces) this.send('dirtyBitmap', encodeDirtyBitmap(piece));
+    const welcome: Welcome = { ...this.replica, role: 'secondary', ...state, dirtyRegions: dirty.count };
     this.lastAckSent = { ...state };
     this.send('welcome', [encodeJson(welcome)]);
-    this.log('info', 'primary connected', { ...state });
+    this.emit({ type: 'handshakeAccepted', decision, peer: hello.generations });
+    this.log('info', 'primary connected', {
+      lastAppliedUpdate: state.lastAppliedUpdate,
+      consistent: state.consistent,
+      decision,
+      ownDirtyRegions: dirty.count,
+    });
     this.decodeFrames(); // anything that came while settling
   }
 
@@ -166,7 +223,11 @@ export class SecondarySession {
       case 'resyncBegin':
         return this.emit({ type: 'apply', op: { kind: 'resyncBegin' } });
       case 'resyncEnd':
-        return this.emit({ type: 'apply', op: { kind: 'resyncEnd' } });
+        // The replica takes the primary's generation in the record that makes it consistent.
+        return this.emit({
+          type: 'apply',
+          op: { kind: 'resyncEnd', adopt: this.hello!.generations.current! },
+        });
       case 'keepAlive':
         return this.send('keepAlive');
       default:
@@ -186,12 +247,43 @@ export class SecondarySession {
     if (why !== undefined) {
       this.log('warn', 'refused primary', { reason: why });
       this.move('refused');
-      this.send('refuse', [Buffer.from(why)]);
+      this.send('refuse', [encodeJson({ reason: why } satisfies Refusal)]);
       this.emit({ type: 'end', reason: why });
       return;
     }
+    // Refused before it replaces the current connection; decided again once settled.
+    this.hello = hello;
+    const own = this.generations();
+    const decision = decideHandshake(hello.generations, own);
+    if (!accepts(decision)) return this.refuse(decision, own);
+    if (this.asPrimary) return this.refuseAsPrimary(own);
     this.move('hello');
     this.emit({ type: 'accepted' });
+  }
+
+  /** Two primaries, and the generations alone would let the dialer write here: still refused. */
+  private refuseAsPrimary(own: Generations): void {
+    const reason = `the peer is a primary too (generation ${shortGeneration(own.current)}); nothing was written. Keep one primary: 'volrep demote' the other and start it as 'volrep secondary'`;
+    this.log('error', 'refused a primary: this side is a primary too', { reason });
+    this.move('refused');
+    this.send('refuse', [encodeJson({ reason, role: 'primary', generations: own } satisfies Refusal)]);
+    this.emit({ type: 'end', reason });
+  }
+
+  /** The generations say this primary must not write here: say why, with this side's view, and close. */
+  private refuse(decision: HandshakeDecision, own: Generations): void {
+    const reason = describeRefusal(decision, own, this.hello!.generations);
+    this.log('error', 'refused primary', { decision, reason });
+    this.move('refused');
+    const refusal: Refusal = {
+      reason,
+      decision,
+      role: this.asPrimary ? 'primary' : 'secondary',
+      generations: own,
+    };
+    this.send('refuse', [encodeJson(refusal)]);
+    this.emit({ type: 'handshakeRefused', decision, peer: this.hello!.generations, reason });
+    this.emit({ type: 'end', reason });
   }
 
   private fail(reason: string): void {

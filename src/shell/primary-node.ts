@@ -12,6 +12,7 @@
  * fatal: the durable state can no longer be trusted, so every pending request fails and the
  * node stops (the owner is told through `onFailure`).
  */
+import { randomBytes } from 'node:crypto';
 import type { Action, EngineConfig, TransactionOptions, WriteKind, WriteRequest } from '../core/engine.js';
 import { Engine } from '../core/engine.js';
 import { VolrepError } from '../errors.js';
@@ -23,6 +24,15 @@ import type { Connection, Dialer } from '../io/transport.js';
 import type { BitmapFile } from '../log/bitmap-file.js';
 import type { LogFile } from '../log/log-file.js';
 import { type RecoveryReport, recover } from '../log/recovery.js';
+import {
+  dropBase,
+  type GenerationId,
+  type Generations,
+  type HandshakeOutcome,
+  legacyGenerations,
+  parseGenerations,
+  startGeneration,
+} from '../replication/generations.js';
 import {
   type PairState,
   PrimarySession,
@@ -63,6 +73,22 @@ export interface PrimaryNodeOptions {
   link?: PrimaryLinkConfig;
   /** The node stopped after an I/O failure (called once). */
   onFailure?: (err: Error) => void;
+  /** New generation ids (random by default; the simulator's are seeded). */
+  newGenerationId?: () => GenerationId;
+  /** The volume's id, for the generation of metadata older than generations. */
+  volumeId?: string;
+}
+
+/** What the last handshake decided, for status: when, and the peer's generations then. */
+export interface HandshakeReport {
+  decision: HandshakeOutcome;
+  atMs: number;
+  peer: Generations | null;
+  reason?: string;
+}
+
+export function randomGenerationId(): GenerationId {
+  return randomBytes(8).toString('hex');
 }
 
 /** One write of a transaction: `data` for 'data' (its pieces, never joined), `length` otherwise. */
@@ -94,6 +120,8 @@ export interface PrimaryNodeStatus {
   link?: PrimarySessionStatus;
   /** The current connection to the secondary: TLS or not, and its certificate's fingerprint. */
   connection?: { tls: boolean; fingerprint: string | null };
+  generations: Generations;
+  handshake: HandshakeReport | null;
 }
 
 interface PendingTx {
@@ -123,6 +151,10 @@ export class PrimaryNode {
   private ioCount = 0;
   private idleWaiters: Array<() => void> = [];
   private pairStateWrite: Promise<void> = Promise.resolve();
+  private pair: PairState;
+  /** Writes held until a new generation is durable (the first write while not in step). */
+  private heldWrites: Array<() => void> | undefined;
+  private lastHandshake: HandshakeReport | null = null;
   private failure: Error | null = null;
   private closed = false;
   private resyncStart = { atMs: 0, regions: 0, resyncBytes: 0 };
@@ -137,11 +169,13 @@ export class PrimaryNode {
     private readonly opts: PrimaryNodeOptions,
     readonly recovery: RecoveryReport,
   ) {
+    this.pair = pair;
     if (opts.link) {
       this.session = new PrimarySession({
         hello: opts.link.hello,
         assumeClean: opts.link.assumeClean,
-        pairState: pair,
+        replicaEverSynced: pair.replicaEverSynced,
+        generations: () => this.pair.generations,
         silenceMsMax: engine.config.ackTimeoutMs,
       });
     }
@@ -159,7 +193,9 @@ export class PrimaryNode {
   ): Promise<PrimaryNode> {
     const regionCount = Math.ceil(config.volumeSize / config.regionSize);
     const r = await recover(storage.log, storage.bitmap, regionCount);
-    const { slots, value } = await SlotFile.open(storage.pairState, 'pair-state', validatePairState);
+    const { slots, value } = await SlotFile.open(storage.pairState, 'pair-state', (v) =>
+      validatePairState(v, opts.volumeId),
+    );
     const engine = new Engine({ ...config, logCapacity: r.log.capacity }, r.state);
     const node = new PrimaryNode(engine, r.log, r.bitmap, slots, value, storage, opts, r.report);
     node.session?.start(opts.clock.now());
@@ -189,9 +225,40 @@ export class PrimaryNode {
       length: w.length,
       kind: w.kind,
     }));
+    this.engine.checkTransaction(requests);
+    // The first write while not in step with the secondary starts a generation of its own
+    // (DESIGN.md §7), durable before any such write: held until then.
+    if (this.heldWrites === undefined && this.pair.generations.base === null && !this.session?.inStep())
+      this.startOwnGeneration();
+    if (this.heldWrites !== undefined) {
+      this.heldWrites.push(() => this.submit(writes, options, done));
+      return;
+    }
     const txId = this.engine.submitTransaction(requests, this.opts.clock.now(), options);
     this.txs.set(txId, { data: writes.map((w) => (w.kind === 'data' ? (w.data ?? []) : null)), done });
     this.pump();
+  }
+
+  private startOwnGeneration(): void {
+    const held: Array<() => void> = [];
+    this.heldWrites = held;
+    const next = startGeneration(this.pair.generations, (this.opts.newGenerationId ?? randomGenerationId)());
+    this.opts.logger.info(
+      { generation: next.current, base: next.base },
+      'first write while not in step with the secondary: a new data generation',
+    );
+    this.persistPair({ ...this.pair, generations: next }, () => {
+      this.heldWrites = undefined;
+      for (const submit of held) submit();
+    });
+  }
+
+  /** Persists the pair state (in order with earlier writes); `then` once it is durable. */
+  private persistPair(next: PairState, then: () => void = () => {}): void {
+    this.pair = next;
+    const write = this.pairStateWrite.then(() => this.pairState.write(next));
+    this.pairStateWrite = write.catch(() => {});
+    this.ioPromise(write, then);
   }
 
   /** A FLUSH: `done` once every write completed before it is durable on the volume (a barrier on the stream too). */
@@ -225,7 +292,14 @@ export class PrimaryNode {
         tls: this.connection.secure,
         fingerprint: this.connection.peerFingerprint,
       },
+      generations: this.pair.generations,
+      handshake: this.lastHandshake,
     };
+  }
+
+  /** What a handshake outside the session found (a primary dialing this one's --listen address). */
+  reportHandshake(report: Omit<HandshakeReport, 'atMs'>): void {
+    this.lastHandshake = { ...report, atMs: this.opts.clock.now() };
   }
 
   /** Dirty regions as [first, last] runs, in order. */
@@ -441,15 +515,24 @@ export class PrimaryNode {
       case 'engineDisconnected':
         this.engine.handleDisconnected(now);
         return;
-      case 'markAllDirty':
-        this.engine.markAllDirty(now);
+      case 'markDirty':
+        this.engine.markAllDirty(now, a.bits);
         return;
-      case 'persistPairState': {
-        const write = this.pairStateWrite.then(() => this.pairState.write(a.state));
-        this.pairStateWrite = write.catch(() => {});
-        this.ioPromise(write, () => {});
+      case 'replicaConsistent':
+        // The resync's marks are cleared: persist the bitmap now, so that a crash later (and a
+        // failback from this side) recovers only what is still owed, not the whole resync.
+        this.engine.requestCheckpoint(now);
         return;
-      }
+      case 'replicaEverSynced':
+        this.persistPair({ ...this.pair, replicaEverSynced: true });
+        return;
+      case 'peerHoldsGeneration':
+        if (this.pair.generations.base !== null)
+          this.persistPair({ ...this.pair, generations: dropBase(this.pair.generations) });
+        return;
+      case 'handshake':
+        this.lastHandshake = { decision: a.decision, atMs: now, peer: a.peer, reason: a.reason };
+        return;
       case 'log':
         this.opts.logger[a.level](a.fields ?? {}, a.msg);
         return;
@@ -546,14 +629,25 @@ export class PrimaryNode {
   }
 }
 
-function validatePairState(v: unknown): PairState | undefined {
+/** A pair-state record; one written before generations existed gets the volume's legacy generation. */
+export function validatePairState(v: unknown, volumeId?: string): PairState | undefined {
   if (typeof v !== 'object' || v === null) return undefined;
   const s = v as Record<string, unknown>;
-  return typeof s.replicaEverSynced === 'boolean' ? { replicaEverSynced: s.replicaEverSynced } : undefined;
+  if (typeof s.replicaEverSynced !== 'boolean') return undefined;
+  if (s.generations === undefined && volumeId !== undefined)
+    return { replicaEverSynced: s.replicaEverSynced, generations: legacyGenerations(volumeId, true) };
+  const generations = parseGenerations(s.generations);
+  if (generations === undefined || generations.current === null) return undefined;
+  return { replicaEverSynced: s.replicaEverSynced, generations };
 }
 
-/** The record a new primary's pair-state file starts with. */
-export const INITIAL_PAIR_STATE: PairState = { replicaEverSynced: false };
+/** The record a new primary's pair-state file starts with: a first generation of its own. */
+export function initialPairState(): PairState {
+  return {
+    replicaEverSynced: false,
+    generations: { current: randomGenerationId(), base: null, history: [] },
+  };
+}
 
 function asBuffers(chunks: readonly Uint8Array[]): Buffer[] {
   return chunks.map((c) => (Buffer.isBuffer(c) ? c : Buffer.from(c.buffer, c.byteOffset, c.byteLength)));

@@ -8,15 +8,31 @@
  * welcome once the applier is idle, so the welcome reports only what is durable, and it gets
  * the acks. Reading from it pauses while the applier's backlog is over APPLY_BACKLOG_BYTES_MAX.
  * A failed replica write is fatal: the node stops and tells its owner through `onFailure`.
+ *
+ * The node's own dirty set: a replica that was a primary (demoted, or started as a secondary
+ * without demote) may hold writes its peer never acked. Opening runs the primary's recovery on
+ * its log and bitmap, folds the result into the bitmap, and reports those regions in every
+ * welcome until a resync into this replica ends; then the bitmap is cleared.
  */
+import { IndicatorMap } from '../core/indicator-map.js';
 import { VolrepError } from '../errors.js';
 import type { BlockDevice } from '../io/block-device.js';
 import type { BlockFile } from '../io/block-file.js';
 import type { Clock, Timer } from '../io/clock.js';
 import { SlotFile } from '../io/slot-file.js';
 import type { Connection, ConnectionEvents } from '../io/transport.js';
+import type { BitmapFile } from '../log/bitmap-file.js';
+import { recover } from '../log/recovery.js';
 import { Applier, type ReplicaState } from '../replication/applier.js';
 import {
+  type Generations,
+  type HandshakeDecision,
+  legacyGenerations,
+  parseGenerations,
+} from '../replication/generations.js';
+import { DIRTY_BITMAP_PIECE_BYTES, type DirtyBitmapPiece } from '../replication/messages.js';
+import {
+  type ReplicaDirty,
   type ReplicaIdentity,
   SecondarySession,
   type SecondarySessionAction,
@@ -28,8 +44,11 @@ export const APPLY_BACKLOG_BYTES_MAX = 64 * 1024 * 1024;
 
 export interface SecondaryStorage {
   replica: BlockDevice;
-  /** The replica's durable state (a slot file): last applied update id, consistency mark. */
+  /** The replica's durable state (a slot file): last applied update id, consistency mark, generations. */
   state: BlockFile;
+  /** The log and bitmap this node keeps as a primary: its own dirty set. */
+  log: BlockFile;
+  bitmap: BlockFile;
 }
 
 export interface SecondaryNodeOptions {
@@ -48,10 +67,19 @@ export interface SecondaryNodeStatus {
   peer: { address: string | null; state: 'waiting' | 'connected'; tls: boolean; fingerprint: string | null };
   lastAppliedUpdate: number;
   consistent: boolean;
+  generations: Generations;
+  /** Regions this replica itself may hold differently (reported in each welcome). */
+  ownDirtyRegions: number;
+  /** What the last handshake decided, with the peer's generations then. */
+  handshake: { decision: HandshakeDecision; atMs: number; peer: Generations; reason?: string } | null;
 }
 
-/** The record a new replica's state file starts with: nothing applied, not consistent (unknown bytes). */
-export const INITIAL_REPLICA_STATE: ReplicaState = { lastAppliedUpdate: 0, consistent: false };
+/** The record a new replica's state file starts with: nothing applied, not consistent (unknown bytes), no generation. */
+export const INITIAL_REPLICA_STATE: ReplicaState = {
+  lastAppliedUpdate: 0,
+  consistent: false,
+  generations: { current: null, base: null, history: [] },
+};
 
 export class SecondaryNode {
   /** Acks sent to the primary, for metrics. */
@@ -62,13 +90,18 @@ export class SecondaryNode {
   private timerAtMs = Number.POSITIVE_INFINITY;
   private failure: Error | null = null;
   private closing = false;
+  private lastHandshake: SecondaryNodeStatus['handshake'] = null;
+  private clearing: Promise<void> = Promise.resolve();
 
   private constructor(
     readonly applier: Applier,
     private readonly identity: ReplicaIdentity,
     private readonly opts: SecondaryNodeOptions,
+    private readonly own: OwnDirty,
   ) {
     applier.onDurable = (state) => {
+      // A resync into this replica ended: nothing of its own differs any more.
+      if (state.consistent && this.own.dirty.count > 0) this.clearOwnDirty();
       const peer = this.current;
       if (peer === undefined) return;
       if (peer.session.state === 'streaming') this.counters.acks += 1;
@@ -90,9 +123,37 @@ export class SecondaryNode {
     identity: ReplicaIdentity,
     opts: SecondaryNodeOptions,
   ): Promise<SecondaryNode> {
-    const { slots, value } = await SlotFile.open(storage.state, 'replica-state', validateReplicaState);
+    const { slots, value } = await SlotFile.open(storage.state, 'replica-state', (v) =>
+      validateReplicaState(v, identity.volumeId),
+    );
+    const own = await openOwnDirty(storage, Math.ceil(identity.size / identity.regionSize));
+    if (own.dirty.count > 0)
+      opts.logger.info(
+        { regions: own.dirty.count },
+        'regions this replica may hold differently (writes it made as a primary): reported to the primary',
+      );
     const applier = new Applier(storage.replica, slots, value);
-    return new SecondaryNode(applier, identity, opts);
+    return new SecondaryNode(applier, identity, opts, own);
+  }
+
+  private clearOwnDirty(): void {
+    const own = this.own;
+    own.dirty = new IndicatorMap(own.regionCount);
+    this.clearing = this.clearing
+      .then(() => own.bitmap.persist(own.dirty.snapshot(), own.coveredLsn, own.idLimit))
+      .catch((err: unknown) => this.fail(err, 'io'));
+  }
+
+  /** The own dirty bitmap in pieces for the welcome (only pieces with a bit set). */
+  private ownDirty(): ReplicaDirty {
+    const bits = this.own.dirty.snapshot();
+    const pieces: DirtyBitmapPiece[] = [];
+    if (this.own.dirty.count > 0)
+      for (let at = 0; at < bits.length; at += DIRTY_BITMAP_PIECE_BYTES) {
+        const piece = bits.subarray(at, Math.min(bits.length, at + DIRTY_BITMAP_PIECE_BYTES));
+        if (piece.some((b) => b !== 0)) pieces.push({ byteOffset: at, bits: Buffer.from(piece) });
+      }
+    return { count: this.own.dirty.count, pieces };
   }
 
   get failed(): Error | null {
@@ -110,14 +171,32 @@ export class SecondaryNode {
       },
       lastAppliedUpdate: state.lastAppliedUpdate,
       consistent: state.consistent,
+      generations: state.generations,
+      ownDirtyRegions: this.own.dirty.count,
+      handshake: this.lastHandshake,
     };
+  }
+
+  /** This replica's own dirty regions (what it may hold differently) as [first, last] runs. */
+  ownDirtyRanges(): [number, number][] {
+    const runs: [number, number][] = [];
+    for (const r of this.own.dirty.iterate()) {
+      const last = runs[runs.length - 1];
+      if (last && last[1] === r - 1) last[1] = r;
+      else runs.push([r, r]);
+    }
+    return runs;
   }
 
   /** A new connection from a would-be primary; returns the events its transport must report. */
   accept(connection: Connection): ConnectionEvents {
     const peer: Peer = {
       connection,
-      session: new SecondarySession(this.identity, this.opts.clock.now()),
+      session: new SecondarySession(
+        this.identity,
+        this.opts.clock.now(),
+        () => this.applier.state.generations,
+      ),
       paused: false,
     };
     if (this.failure !== null || this.closing) {
@@ -147,6 +226,7 @@ export class SecondaryNode {
     this.timer?.cancel();
     for (const peer of this.peers) peer.connection.close('stopping');
     await this.applier.whenIdle();
+    await this.clearing;
   }
 
   /** Runs an input of one peer's session, then performs what it asks. */
@@ -178,7 +258,7 @@ export class SecondaryNode {
         void this.applier.whenIdle().then(() =>
           this.run(peer, () => {
             if (this.applier.failed) peer.session.drop(`replica failed: ${this.applier.failed.message}`);
-            else peer.session.handleSettled(this.applier.state);
+            else peer.session.handleSettled(this.applier.state, this.ownDirty());
           }),
         );
         return;
@@ -203,6 +283,17 @@ export class SecondaryNode {
         return;
       case 'log':
         this.opts.logger[a.level]({ peer: peer.connection.remote, ...a.fields }, a.msg);
+        return;
+      case 'handshakeRefused':
+        this.lastHandshake = {
+          decision: a.decision,
+          atMs: this.opts.clock.now(),
+          peer: a.peer,
+          reason: a.reason,
+        };
+        return;
+      case 'handshakeAccepted':
+        this.lastHandshake = { decision: a.decision, atMs: this.opts.clock.now(), peer: a.peer };
         return;
     }
   }
@@ -242,7 +333,30 @@ export class SecondaryNode {
   }
 }
 
-function validateReplicaState(v: unknown): ReplicaState | undefined {
+interface OwnDirty {
+  bitmap: BitmapFile;
+  dirty: IndicatorMap;
+  regionCount: number;
+  coveredLsn: number;
+  idLimit: number;
+}
+
+/**
+ * The regions this node may hold differently from its peer: its bitmap plus the incomplete
+ * transactions of its log (a primary's recovery). Folded into the bitmap, covering the whole
+ * log, so a later recovery finds the same set without the log.
+ */
+async function openOwnDirty(storage: SecondaryStorage, regionCount: number): Promise<OwnDirty> {
+  const r = await recover(storage.log, storage.bitmap, regionCount);
+  const dirty = IndicatorMap.fromBytes(regionCount, r.state.dirty);
+  const own = { bitmap: r.bitmap, dirty, regionCount, coveredLsn: r.log.headLsn, idLimit: r.state.idLimit };
+  if (r.report.records > 0 || r.report.dirty !== r.report.bitmapDirty)
+    await r.bitmap.persist(dirty.snapshot(), own.coveredLsn, own.idLimit);
+  return own;
+}
+
+/** A replica-state record; one written before generations existed gets the volume's legacy generation. */
+export function validateReplicaState(v: unknown, volumeId: string): ReplicaState | undefined {
   if (typeof v !== 'object' || v === null) return undefined;
   const s = v as Record<string, unknown>;
   if (
@@ -253,5 +367,10 @@ function validateReplicaState(v: unknown): ReplicaState | undefined {
     return undefined;
   }
   if (typeof s.consistent !== 'boolean') return undefined;
-  return { lastAppliedUpdate: s.lastAppliedUpdate, consistent: s.consistent };
+  const generations =
+    s.generations === undefined
+      ? legacyGenerations(volumeId, s.consistent || s.lastAppliedUpdate > 0)
+      : parseGenerations(s.generations);
+  if (generations === undefined) return undefined;
+  return { lastAppliedUpdate: s.lastAppliedUpdate, consistent: s.consistent, generations };
 }

@@ -78,7 +78,7 @@ export class Volume {
         // Writing a replica behind its primary's back would diverge it silently.
         throw new VolrepError(
           'VOLREP_ERR_META',
-          `${volumePath} is a replica (created with --secondary-of); serve it with --read-only to inspect it`,
+          `${volumePath} is a replica: make it the primary with 'volrep promote --volume ${volumePath}' (failover), or serve it with --read-only to inspect it`,
         );
       }
       const log = await openMetadataFile(
@@ -121,6 +121,7 @@ export class Volume {
               hello: { volumeId: meta.volumeId, size: meta.size, regionSize: meta.regionSize },
             },
             onFailure: opts.onFailure,
+            volumeId: meta.volumeId,
           },
         ),
       );

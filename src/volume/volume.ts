@@ -6,7 +6,7 @@ import { SLOT_FILE_BYTES, SlotFile } from '../io/slot-file.js';
 import { BitmapFile } from '../log/bitmap-file.js';
 import { LogFile } from '../log/log-file.js';
 import { ensureIdentity, IDENTITY_KEY_FILE, identityName } from '../security/identity.js';
-import { INITIAL_PAIR_STATE } from '../shell/primary-node.js';
+import { initialPairState } from '../shell/primary-node.js';
 import { INITIAL_REPLICA_STATE } from '../shell/secondary-node.js';
 import { formatSize, isPowerOfTwo } from '../util/size.js';
 import { VolumeLock } from './lock.js';
@@ -177,7 +177,7 @@ async function writeMetadata(meta: Meta, metaDir: string): Promise<Meta> {
   // record (a file missing later is refused, never read as "clean"). meta.json goes last: it
   // marks a complete set.
   await formatMetadataFiles(metaDir, meta.size, meta.regionSize, meta.logSize);
-  if (meta.role === 'primary') await formatSlotFile(path.join(metaDir, PAIR_STATE_FILE), INITIAL_PAIR_STATE);
+  if (meta.role === 'primary') await formatSlotFile(path.join(metaDir, PAIR_STATE_FILE), initialPairState());
   else await formatSlotFile(path.join(metaDir, REPLICA_STATE_FILE), INITIAL_REPLICA_STATE);
   await syncDirectory(metaDir);
   await writeMeta(metaDir, meta);
@@ -209,7 +209,7 @@ async function formatMetadataFiles(
   await syncDirectory(metaDir);
 }
 
-async function formatSlotFile(file: string, value: unknown): Promise<void> {
+export async function formatSlotFile(file: string, value: unknown): Promise<void> {
   const f = await NodeBlockFile.create(file, SLOT_FILE_BYTES);
   try {
     await SlotFile.format(f, value);

@@ -129,12 +129,4 @@ describe('replication link flags: TLS by default, plaintext only when asked and 
     const ro = await startPrimary(volume, { extra: ['--read-only'] });
     assert.equal(await ro.stop(), 0);
   });
-
-  it('a secondary refuses a volume created as a primary', async () => {
-    const volume = createVolumeCli(dir, 'wrong.img', '16M');
-    assertUsageError(
-      await volrepAsync(['secondary', '--volume', volume, '--listen', '127.0.0.1:0', '--insecure-plaintext']),
-      /secondary-of/,
-    );
-  });
 });

@@ -123,7 +123,17 @@ class WireEnd {
 }
 
 function helloFrame(volumeId: string, size = SIZE, regionSize = REGION): Buffer {
-  return Buffer.concat(encodeFrame('hello', [encodeJson({ volumeId, size, regionSize, role: 'primary' })]));
+  return Buffer.concat(
+    encodeFrame('hello', [
+      encodeJson({
+        volumeId,
+        size,
+        regionSize,
+        role: 'primary',
+        generations: { current: '00000000000000a1', base: null, history: [] },
+      }),
+    ]),
+  );
 }
 
 function updateFrame(id: number, offset: number, data: Buffer, kind = 0, length = data.length, flags = 0) {
@@ -281,7 +291,7 @@ describe('hostile peers on the replication link', { timeout: 180_000 }, () => {
         const p = await WireEnd.connect(secondary.listen);
         p.raw(hello);
         const m = await p.expect((x) => x.type === 'refuse', 'refuse');
-        assert.match(m.type === 'refuse' ? m.reason : '', pattern);
+        assert.match(m.type === 'refuse' ? m.refusal.reason : '', pattern);
         await p.finish();
       }
       await stillHealthy();
@@ -354,7 +364,15 @@ describe('hostile peers on the replication link', { timeout: 180_000 }, () => {
       const c = await nextConnection();
       const h = await c.expect((m) => m.type === 'hello', 'hello');
       assert.ok(h.type === 'hello');
-      c.send('welcome', [encodeJson({ ...h.hello, role: 'secondary', lastAppliedUpdate, consistent: true })]);
+      c.send('welcome', [
+        encodeJson({
+          ...h.hello,
+          role: 'secondary',
+          lastAppliedUpdate,
+          consistent: true,
+          dirtyRegions: 0,
+        }),
+      ]);
       return c;
     }
 

@@ -9,6 +9,7 @@ import { describe, it } from 'node:test';
 import type { BlockDevice, Done } from '../../src/io/block-device.js';
 import { Applier, type ReplicaState } from '../../src/replication/applier.js';
 import { encodeFrame } from '../../src/replication/frames.js';
+import type { Generations } from '../../src/replication/generations.js';
 import { encodeAck, encodeJson } from '../../src/replication/messages.js';
 import { PrimarySession } from '../../src/replication/primary-session.js';
 
@@ -47,10 +48,12 @@ class SlowStore {
   }
 }
 
+const GEN: Generations = { current: '00000000000000a1', base: null, history: [] };
+
 describe('the replica consistency the primary reports', () => {
   it('an ack says consistent only once the resync end mark is durable (the applier)', async () => {
     const store = new SlowStore();
-    const applier = new Applier(device, store, { lastAppliedUpdate: 4, consistent: true });
+    const applier = new Applier(device, store, { lastAppliedUpdate: 4, consistent: true, generations: GEN });
     const acks: ReplicaState[] = [];
     applier.onDurable = (s) => {
       // Every state acked must be one the store already made durable.
@@ -66,7 +69,7 @@ describe('the replica consistency the primary reports', () => {
     });
     // The batch holding update 5 starts; the end mark arrives while it is being recorded.
     for (let i = 0; i < 5; i++) await new Promise((r) => setImmediate(r));
-    applier.push({ kind: 'resyncEnd' });
+    applier.push({ kind: 'resyncEnd', adopt: GEN.current! });
     while (await store.finishOne());
     await applier.whenIdle();
     assert.ok(acks.length >= 2, JSON.stringify(acks));
@@ -76,18 +79,32 @@ describe('the replica consistency the primary reports', () => {
       acks.slice(0, firstConsistent).every((a) => !a.consistent),
       `nothing before the end mark is acked consistent: ${JSON.stringify(acks)}`,
     );
-    assert.deepEqual(acks.at(-1), { lastAppliedUpdate: 5, consistent: true });
+    assert.deepEqual(acks.at(-1), { lastAppliedUpdate: 5, consistent: true, generations: GEN });
   });
 
   it("the primary's session mirrors the acks, and forgets on disconnect", () => {
     const hello = { volumeId: '00000000-0000-4000-8000-000000000009', size: 1 << 20, regionSize: 65536 };
-    const s = new PrimarySession({ hello, assumeClean: true, pairState: { replicaEverSynced: true } });
+    const s = new PrimarySession({
+      hello,
+      assumeClean: true,
+      replicaEverSynced: true,
+      generations: () => GEN,
+    });
     s.start(0);
     s.handleOpen(1);
     const frame = (type: Parameters<typeof encodeFrame>[0], payload: Buffer[]) =>
       Buffer.concat(encodeFrame(type, payload));
     s.handleData(
-      frame('welcome', [encodeJson({ ...hello, role: 'secondary', lastAppliedUpdate: 4, consistent: true })]),
+      frame('welcome', [
+        encodeJson({
+          ...hello,
+          role: 'secondary',
+          lastAppliedUpdate: 4,
+          consistent: true,
+          generations: GEN,
+          dirtyRegions: 0,
+        }),
+      ]),
       2,
     );
     const actions = () => {

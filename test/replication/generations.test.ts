@@ -88,7 +88,13 @@ test('the model in this tree finds no violation and gives exactly the committed 
 
 test('each rule the model shows necessary is broken by its flag', async () => {
   for (const flag of ['no_rotate', 'no_union', 'no_split_rule', 'demote_keeps_gen', 'demote_not_atomic']) {
-    const r = await run('python3', [path.join(ROOT, 'model/gen_model.py'), '--depth', '9', '--flag', flag]).then(
+    const r = await run('python3', [
+      path.join(ROOT, 'model/gen_model.py'),
+      '--depth',
+      '9',
+      '--flag',
+      flag,
+    ]).then(
       () => 'passed',
       (err: { stdout?: string }) => err.stdout ?? '',
     );

@@ -58,7 +58,15 @@ class FakePrimary {
   }
 
   hello(volumeId: string, size = SIZE, regionSize = REGION): void {
-    this.send('hello', [encodeJson({ volumeId, size, regionSize, role: 'primary' })]);
+    this.send('hello', [
+      encodeJson({
+        volumeId,
+        size,
+        regionSize,
+        role: 'primary',
+        generations: { current: '00000000000000a1', base: null, history: [] },
+      }),
+    ]);
   }
 
   update(id: number, offset: number, data: Buffer): void {
@@ -132,7 +140,7 @@ describe('secondary', () => {
       const p = await FakePrimary.connect(port);
       p.hello(id, size, region);
       const m = await p.expect((x) => x.type === 'refuse', 'refuse');
-      assert.match(m.type === 'refuse' ? m.reason : '', pattern);
+      assert.match(m.type === 'refuse' ? m.refusal.reason : '', pattern);
       await p.waitClosed();
     }
   });

@@ -15,12 +15,7 @@ import { BitmapFile } from '../../src/log/bitmap-file.js';
 import { LogFile } from '../../src/log/log-file.js';
 import { FrameDecoder } from '../../src/replication/frames.js';
 import { decodeMessage } from '../../src/replication/messages.js';
-import {
-  INITIAL_PAIR_STATE,
-  type NodeLogger,
-  PrimaryNode,
-  type PrimaryNodeConfig,
-} from '../../src/shell/primary-node.js';
+import { type NodeLogger, PrimaryNode, type PrimaryNodeConfig } from '../../src/shell/primary-node.js';
 import { INITIAL_REPLICA_STATE, SecondaryNode } from '../../src/shell/secondary-node.js';
 import { Checks } from './checks.js';
 import { Prng } from './prng.js';
@@ -123,6 +118,12 @@ export class World {
     modes: ['whole', 'absent', 'partial'],
   });
   readonly stateDisk = new SimDisk(SLOT_FILE_BYTES);
+  /** The secondary's own log and bitmap (what it wrote as a primary: nothing, until roles change). */
+  readonly secLogDisk = new SimDisk(LogFile.fileBytes(64 * 1024));
+  readonly secBitmapDisk: SimDisk;
+  /** Generation ids: a counter, so the workload's random stream is the same as without them. */
+  private generationIds = 0;
+  readonly newGenerationId = () => (++this.generationIds).toString(16).padStart(16, '0');
   readonly primary: Slot<PrimaryNode> = { node: undefined, state: 'down', incarnation: 0, downSinceMs: 0 };
   readonly secondary: Slot<SecondaryNode> = {
     node: undefined,
@@ -178,6 +179,7 @@ export class World {
     const logCapacity = p.pick([1024, 1024, 2048]);
     this.logDisk = new SimDisk(LogFile.fileBytes(Math.ceil(logCapacity / 8) * 8));
     this.bitmapDisk = new SimDisk(BitmapFile.fileBytes(this.regionCount));
+    this.secBitmapDisk = new SimDisk(BitmapFile.fileBytes(this.regionCount));
     this.config = {
       volumeSize: VOLUME_BYTES,
       regionSize: REGION_BYTES,
@@ -212,9 +214,23 @@ export class World {
   async format(): Promise<void> {
     await LogFile.format(this.logDisk);
     await BitmapFile.format(this.bitmapDisk, this.regionCount);
-    await SlotFile.format(this.pairDisk, INITIAL_PAIR_STATE);
+    await SlotFile.format(this.pairDisk, {
+      replicaEverSynced: false,
+      generations: { current: this.newGenerationId(), base: null, history: [] },
+    });
     await SlotFile.format(this.stateDisk, INITIAL_REPLICA_STATE);
-    for (const d of [this.logDisk, this.bitmapDisk, this.pairDisk, this.stateDisk, this.volume, this.replica])
+    await LogFile.format(this.secLogDisk);
+    await BitmapFile.format(this.secBitmapDisk, this.regionCount);
+    for (const d of [
+      this.logDisk,
+      this.bitmapDisk,
+      this.pairDisk,
+      this.stateDisk,
+      this.secLogDisk,
+      this.secBitmapDisk,
+      this.volume,
+      this.replica,
+    ])
       d.syncSync();
   }
 
@@ -340,7 +356,16 @@ export class World {
   }
 
   private writeback(): void {
-    const disks = [this.volume, this.logDisk, this.bitmapDisk, this.pairDisk, this.replica, this.stateDisk];
+    const disks = [
+      this.volume,
+      this.logDisk,
+      this.bitmapDisk,
+      this.pairDisk,
+      this.replica,
+      this.stateDisk,
+      this.secLogDisk,
+      this.secBitmapDisk,
+    ];
     const disk = this.prng.pick(disks);
     if (disk.writeback(this.prng)) {
       this.stats.writebacks += 1;
@@ -405,6 +430,7 @@ export class World {
         hello: { volumeId: SIM_VOLUME_ID, size: VOLUME_BYTES, regionSize: REGION_BYTES },
         assumeClean: this.assumeClean,
       },
+      newGenerationId: this.newGenerationId,
       onFailure: (err) => {
         if (incarnation === slot.incarnation) this.fail('crash', `the primary failed: ${err.message}`);
       },
@@ -429,7 +455,12 @@ export class World {
     this.trace(`secondary starts (incarnation ${incarnation})`);
     const replica = new SimDevice(this.io, 'secondary', this.replica, 'replica');
     SecondaryNode.open(
-      { replica, state: new SimFile(this.io, 'secondary', this.stateDisk, 'replica-state') },
+      {
+        replica,
+        state: new SimFile(this.io, 'secondary', this.stateDisk, 'replica-state'),
+        log: new SimFile(this.io, 'secondary', this.secLogDisk, 'log'),
+        bitmap: new SimFile(this.io, 'secondary', this.secBitmapDisk, 'bitmap'),
+      },
       { volumeId: SIM_VOLUME_ID, size: VOLUME_BYTES, regionSize: REGION_BYTES },
       {
         clock: this.time.clockFor('secondary'),
@@ -484,7 +515,7 @@ export class World {
     this.time.dropNode('secondary');
     this.net.dropNode('secondary', power, this.prng);
     if (power) {
-      for (const d of [this.replica, this.stateDisk]) d.crash(this.prng);
+      for (const d of [this.replica, this.stateDisk, this.secLogDisk, this.secBitmapDisk]) d.crash(this.prng);
       // Writes that did not survive are gone; the primary resends their regions under new ids.
       for (let i = this.writtenIds.length - 1; i >= 0; i--) {
         if (!this.durableIds.has(this.writtenIds[i])) this.writtenIds.splice(i, 1);
