@@ -7,21 +7,9 @@
 import assert from 'node:assert/strict';
 import { copyFileSync, cpSync, rmSync } from 'node:fs';
 import { after, describe, it } from 'node:test';
-import { NbdClient } from '../../src/nbd/client.js';
 import { sha256File } from '../helpers/clients.js';
-import { type Daemon, volrep } from '../helpers/daemon.js';
-import { REGION, type Site, Sites } from './sites.js';
-
-/** Writes one region-sized block of `fill` at the start of each region. */
-export async function writeRegions(primary: Daemon, regions: Iterable<number>, fill: number): Promise<void> {
-  const client = await NbdClient.connect(primary.nbd.host, primary.nbd.port, 'volrep');
-  try {
-    for (const r of regions) await client.write(r * REGION, Buffer.alloc(REGION, fill));
-    await client.flush();
-  } finally {
-    await client.close();
-  }
-}
+import { volrep } from '../helpers/daemon.js';
+import { REGION, type Site, Sites, writeRegions } from './sites.js';
 
 function ok(what: string, r: { status: number | null; stdout: string; stderr: string }): void {
   assert.equal(r.status, 0, `${what}: exit ${r.status}\n${r.stdout}\n${r.stderr}`);
@@ -31,7 +19,7 @@ function ok(what: string, r: { status: number | null; stdout: string; stderr: st
  * A planned switchover of a healthy pair: the primary stops (flushes) once in sync, both change
  * role, and the reversed pair starts with nothing to resync.
  */
-export async function switchover(sites: Sites, primary: Site): Promise<void> {
+async function switchover(sites: Sites, primary: Site): Promise<void> {
   const secondary = sites.other(primary);
   await sites.waitInSync(primary, 'before the switchover');
   await sites.stop(primary);

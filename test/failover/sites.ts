@@ -8,6 +8,7 @@ import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
+import { NbdClient } from '../../src/nbd/client.js';
 import { createVolumeCli, httpRequest, metricValue, sha256File, waitFor } from '../helpers/clients.js';
 import {
   type CliResult,
@@ -32,6 +33,17 @@ export interface Site {
   listen: string;
   primary?: Daemon;
   secondary?: SecondaryDaemon;
+}
+
+/** Writes one region-sized block of `fill` at the start of each region, then flushes. */
+export async function writeRegions(primary: Daemon, regions: Iterable<number>, fill: number): Promise<void> {
+  const client = await NbdClient.connect(primary.nbd.host, primary.nbd.port, 'volrep');
+  try {
+    for (const r of regions) await client.write(r * REGION, Buffer.alloc(REGION, fill));
+    await client.flush();
+  } finally {
+    await client.close();
+  }
 }
 
 /** A port the OS had free a moment ago (loopback only). */
