@@ -33,28 +33,35 @@ FLAGS = {
     'eager_rotate_on_promote': 'promotion draws a new generation at once (not at its first write)',
     'rotate_on_demote': 'demote draws a new generation',
     'no_union': "resync sends only the sender's set, not the receiver's own unacked set",
-    'no_split_rule': 'skip the split-brain rule (base = base)',
-    'gen_at_start': 'the receiver of a resync takes the sender\'s generation when the resync starts, not when it ends',
+    'no_split_rule': 'skip the split-brain rule',
+    'no_reverse_split': 'the split-brain rule looks only at the sender having written apart',
+    'no_cut_resync_rule': 'a receiver whose resync was cut off is not resynced by a sender back at its old generation',
+    'no_cut_receiver_rule': 'a receiver whose resync was cut off is judged like one that may have written',
+    'no_resync_from': 'judge a receiver whose resync was cut off by the generation it took, not the one it had',
+    'gen_at_end': 'the receiver of a resync takes the sender\'s generation when the resync ends, the sender drops its base on that ack',
+    'force_keeps_adopted': 'promote --force keeps the generation taken at the start of the cut-off resync',
     'demote_keeps_gen': 'demote keeps a generation drawn while apart (does not return to its base)',
     'demote_not_atomic': 'a power loss during demote keeps the given-up generation but not the new role',
     'force_promote_clears_dirty': 'promote --force of an inconsistent replica forgets its dirty set',
 }
 
-Node = collections.namedtuple('Node', 'role alive current base history dirty data kept seen inconsistent forced')
+Node = collections.namedtuple('Node', 'role alive current base history dirty data kept seen inconsistent forced resync_from')
 # role: 'P' or 'S'; current/base: generation ids (base None when not tracking); history: tuple of gens
 # dirty: frozenset of regions written since base (or unacked); data: tuple of write ids per region
 # kept: frozenset of write ids this node has not given up (writes it made as primary)
 # seen: every write id this node has held (a newer write by a node that had seen w supersedes w)
 # inconsistent: a resync into this node began and has not ended (durable mark)
 # forced: promoted with --force while inconsistent; its data is no state its peer ever had
-State = collections.namedtuple('State', 'a b link nextgen nextwrite')
+# resync_from: while inconsistent, the generation this node held before the resync began
+State = collections.namedtuple('State', 'a b link nextgen nextwrite changed')
 # link: None (apart) or ('A'|'B') = direction of an established, in-step pair (sender)
+# changed: an operator changed a role (promote, demote, start as secondary, discard) at some point
 
 
 def initial(regions):
-    a = Node('P', True, 1, None, (), frozenset(), (0,) * regions, frozenset(), frozenset(), False, False)
-    b = Node('S', True, 1, None, (), frozenset(), (0,) * regions, frozenset(), frozenset(), False, False)
-    return State(a, b, 'A', 2, 1)
+    a = Node('P', True, 1, None, (), frozenset(), (0,) * regions, frozenset(), frozenset(), False, False, None)
+    b = Node('S', True, 1, None, (), frozenset(), (0,) * regions, frozenset(), frozenset(), False, False, None)
+    return State(a, b, 'A', 2, 1, False)
 
 
 def get(s, n):
@@ -78,16 +85,33 @@ def rotate(node, s, why_ok=True):
 
 
 def decide(p, q, flags):
-    """Handshake: p would send to q. Returns ('resync', set) | ('refuse-newer',) | ('split',) | ('full',) | ('unrelated',)."""
+    """Handshake: p would send to q. Returns ('resync', set) | ('refuse-newer',) | ('split',) | ('full',) | ('unrelated',).
+
+    A receiver whose resync was cut off holds its old generation's data plus some of the sender's,
+    nothing of its own: for ancestry it counts as the generation it had before (resync_from)."""
     both = p.dirty | (frozenset() if 'no_union' in flags else q.dirty)
     if p.current == q.current:
         return ('resync', both)
-    if p.base is not None and p.base == q.current:
+    qc = q.resync_from if (q.resync_from is not None and 'no_resync_from' not in flags) else q.current
+    if p.base is not None and p.base in (q.current, qc):
+        return ('resync', both)
+    if qc == p.current and 'no_cut_resync_rule' not in flags:  # the sender is where the receiver was
+        return ('resync', both)
+    # A receiver a resync was cut off in has no writes of its own to lose (it has not written
+    # since, or it would have been promoted, which ends that state); the sender's dirty set covers
+    # what it has not sent of its line.
+    if (q.resync_from is not None and 'no_cut_receiver_rule' not in flags
+            and (qc in p.history or q.current in p.history)):
         return ('resync', both)
     if q.base is not None and q.base == p.current:
         return ('refuse-newer',)
-    if 'no_split_rule' not in flags and p.base is not None and p.base == q.base:
-        return ('split',)
+    # Split brain: one side wrote apart from a generation that the other has left too (it wrote
+    # apart from it as well, or came back to it from a promotion with --force, or moved on).
+    if 'no_split_rule' not in flags:
+        if p.base is not None and p.base in q.history and p.base not in (q.current, qc):
+            return ('split',)
+        if 'no_reverse_split' not in flags and q.base is not None and q.base in p.history and p.current != q.base:
+            return ('split',)
     if q.current in p.history:
         return ('full',)
     return ('unrelated',)
@@ -120,6 +144,8 @@ def check_handshake(s, sender, dec, regions):
         return f'false split brain (kept-only-here: {sender}={sorted(lose_p)} {other(sender)}={sorted(lose_q)})'
     if dec[0] != 'split' and lose_p and lose_q:
         return f'missed split brain: decided {dec[0]}'
+    if dec[0] != 'resync' and not s.changed:
+        return f'refused ({dec[0]}) though no role ever changed: crashes and link drops alone must never need the operator'
     return None
 
 
@@ -149,12 +175,18 @@ def successors(s, regions, max_writes, flags):
                 m = me._replace(dirty=me.dirty - {r})
                 yield f'ack {n}->{o} r{r}', put(put(s, n, m), o, y), None
             if you.inconsistent and not me.dirty and not you.dirty:
-                y = you._replace(current=me.current, base=None, history=you.history + (you.current,),
-                                 inconsistent=False, forced=False, kept=frozenset(w for w in you.kept if w in me.seen))
-                m = me._replace(base=None)
+                y = you._replace(inconsistent=False, forced=False, resync_from=None,
+                                 kept=frozenset(w for w in you.kept if w in me.seen))
+                if 'gen_at_end' in flags:  # the receiver takes the generation only now
+                    y = y._replace(current=me.current, base=None, history=you.history + (you.current,))
+                m = me
                 t = put(put(s, n, m), o, y)
                 bad = None if t.a.data == t.b.data else f'after resync {n}->{o} the volumes differ: {t.a.data} vs {t.b.data}'
                 yield f'resync-end {n}->{o}', t, bad
+        # gen_at_end: the ack of a resync's end reaches the sender, which drops its base then
+        if ('gen_at_end' in flags and s.link == n and me.alive and you.alive and me.base is not None
+                and not you.inconsistent and you.current == me.current):
+            yield f'base-drop {n}', put(s, n, me._replace(base=None)), None
         # crash of a node (power loss: its durable dirty set, gens survive; the link drops)
         if me.alive:
             yield f'crash {n}', put(s._replace(link=None if s.link else None), n, me._replace(alive=False)), None
@@ -171,13 +203,17 @@ def successors(s, regions, max_writes, flags):
             # so a promotion that never wrote cannot look like a split brain. Dirty regions stay.
             if 'eager_rotate_on_promote' in flags:
                 node, t = rotate(node, t)
-            yield f'promote {n}', put(t, n, node), None
+            yield f'promote {n}', put(t._replace(changed=True), n, node), None
         # promote --force of a replica a resync was cut off in: not a state the old primary had
         if me.role == 'S' and s.link is None and me.inconsistent:
-            node = me._replace(role='P', inconsistent=False, forced=True)
+            node = me._replace(role='P', inconsistent=False, forced=True, resync_from=None)
+            if me.resync_from is not None and 'force_keeps_adopted' not in flags:
+                # back to the generation it held before the cut-off resync: it has that one's data
+                # (and more), not all of the sender's
+                node = node._replace(current=me.resync_from)
             if 'force_promote_clears_dirty' in flags:
                 node = node._replace(dirty=frozenset())
-            yield f'promote --force {n}', put(s, n, node), None
+            yield f'promote --force {n}', put(s._replace(changed=True), n, node), None
         # demote a primary that is apart: it gives up its writes the peer lacks
         if me.role == 'P' and s.link is None:
             node = me._replace(role='S', kept=frozenset(w for w in me.kept if w in you.seen))
@@ -186,31 +222,38 @@ def successors(s, regions, max_writes, flags):
             t = s
             if 'rotate_on_demote' in flags:
                 node, t = rotate(node, t)
-            yield f'demote {n}', put(t, n, node), None
+            yield f'demote {n}', put(t._replace(changed=True), n, node), None
             if 'demote_not_atomic' in flags and node.current != me.current:
                 # power loss after the generation was given up, before the role changed
                 half = me._replace(alive=False, current=node.current, base=None)
                 yield f'demote {n} cut by power loss', put(s._replace(link=None), n, half), None
         # an old primary started as secondary without demote: it gives up nothing
         if me.role == 'P' and s.link is None:
-            yield f'as-secondary {n}', put(s, n, me._replace(role='S')), None
+            yield f'as-secondary {n}', put(s._replace(changed=True), n, me._replace(role='S')), None
         # discard local changes on a secondary that is apart
         if me.role == 'S' and s.link is None and me.base is not None:
             node = me._replace(current=me.base, base=None, kept=frozenset(w for w in me.kept if w in you.seen))
-            yield f'discard {n}', put(s, n, node), None
+            yield f'discard {n}', put(s._replace(changed=True), n, node), None
         # handshake: n primary, o secondary, both alive, apart
         if s.link is None and me.alive and you.alive and me.role == 'P' and you.role == 'S':
             dec = decide(me, you, flags)
             bad = check_handshake(s, n, dec, regions)
             if dec[0] == 'resync':
                 # The resync runs region by region (acks above); the receiver is marked inconsistent
-                # until it ends, and takes the sender's generation only then.
+                # until it ends. It takes the sender's generation now, in the record that marks it
+                # inconsistent (durable before its welcome), remembering the one it had; the sender
+                # drops its base once the welcome shows it, before anything is streamed.
                 both = me.dirty | you.dirty if 'no_union' not in flags else me.dirty
                 y = you._replace(inconsistent=True, dirty=you.dirty if 'no_union' not in flags else frozenset())
                 m = me
-                if 'gen_at_start' in flags:  # the receiver takes the new generation before the data is there
-                    y = y._replace(current=me.current, base=None, history=you.history + (you.current,))
-                    m = me._replace(base=None)
+                if 'gen_at_end' not in flags and you.current != me.current:
+                    y = y._replace(current=me.current, base=None, history=you.history + (you.current,),
+                                   resync_from=you.resync_from if you.resync_from is not None else you.current)
+                    # the connection may die after the receiver's record, before the sender's drop
+                    yield (f'handshake {n}->{o}: resync {sorted(both)} cut before the sender drops its base',
+                           put(s, o, y), bad)
+                if 'gen_at_end' not in flags and y.current == me.current:
+                    m = me._replace(base=None)  # the receiver holds this side's generation
                 t = put(put(s._replace(link=n), n, m), o, y)
                 yield f'handshake {n}->{o}: resync {sorted(both)}', t, bad
             else:
@@ -218,7 +261,7 @@ def successors(s, regions, max_writes, flags):
 
 
 def gens(node):
-    return {'current': node.current, 'base': node.base, 'history': list(node.history)}
+    return {'current': node.current, 'base': node.base, 'history': list(node.history), 'resync_from': node.resync_from}
 
 
 def explore(depth, regions, max_writes, flags, cases=None):
@@ -235,7 +278,7 @@ def explore(depth, regions, max_writes, flags, cases=None):
                     if cases is not None:
                         sender = label.split(' ')[1][0]
                         p, q = get(s, sender), get(s, other(sender))
-                        key = (p.current, p.base, p.history, q.current, q.base, q.history)
+                        key = (p.current, p.base, p.history, p.resync_from, q.current, q.base, q.history, q.resync_from)
                         if key not in cases:
                             cases[key] = {'primary': gens(p), 'secondary': gens(q),
                                           'decision': decide(p, q, flags)[0]}

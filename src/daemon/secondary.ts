@@ -98,9 +98,9 @@ export async function startSecondary(opts: SecondaryOptions): Promise<RunningSec
     if (opts.discardLocalChanges) {
       const [before, after] = await discardLocalChanges(stateFile, volume.meta.volumeId);
       if (before === after)
-        opts.logger.info(
+        opts.logger.warn(
           { generation: before.current },
-          '--discard-local-changes: no writes made apart to discard',
+          "--discard-local-changes: this side has no history of its own to give up; if the primary still reports a split brain, re-create this side ('volrep create --force --secondary-of <volume id>') for a full sync",
         );
       else
         opts.logger.warn(

@@ -10,7 +10,7 @@
  * consistent again only after the last one is durable.
  */
 import type { BlockDevice } from '../io/block-device.js';
-import { adoptGeneration, type GenerationId, type Generations } from './generations.js';
+import { endResync, type Generations } from './generations.js';
 import type { UpdateHeader } from './messages.js';
 
 export interface ReplicaState {
@@ -18,7 +18,7 @@ export interface ReplicaState {
   lastAppliedUpdate: number;
   /** False while a resync is in progress (the replica is not a state the primary ever had). */
   consistent: boolean;
-  /** The generation of the replica's data (DESIGN.md §7): the sender's, taken when a resync ends. */
+  /** The generation of the replica's data (DESIGN.md §7): the sender's, taken when a resync begins. */
   generations: Generations;
 }
 
@@ -30,8 +30,7 @@ export type ApplierOp =
   | { kind: 'update'; update: UpdateHeader; data: Buffer[] }
   | { kind: 'barrier' }
   | { kind: 'resyncBegin' }
-  /** `adopt`: the sender's generation, which the replica takes in the record that makes it consistent. */
-  | { kind: 'resyncEnd'; adopt: GenerationId };
+  | { kind: 'resyncEnd' };
 
 export class Applier {
   private durable: ReplicaState;
@@ -116,6 +115,17 @@ export class Applier {
     return undefined;
   }
 
+  /**
+   * A resync is about to begin (the handshake): record durably that the replica takes these
+   * generations and is inconsistent. Call only while idle; resolves once it is durable.
+   */
+  recordResyncStart(generations: Generations): Promise<void> {
+    this.generationsWanted = generations;
+    this.consistentWanted = false;
+    this.requestSync();
+    return this.whenIdle();
+  }
+
   /** Resolves when everything accepted so far is applied and durable (or the applier failed). */
   whenIdle(): Promise<void> {
     if (this.isIdle()) return Promise.resolve();
@@ -139,7 +149,7 @@ export class Applier {
       if (op.kind === 'resyncBegin') this.consistentWanted = false;
       if (op.kind === 'resyncEnd') {
         this.consistentWanted = true;
-        this.generationsWanted = adoptGeneration(this.generationsWanted, op.adopt);
+        this.generationsWanted = endResync(this.generationsWanted);
       }
       // Barrier, and both resync marks: a sync point. Nothing after it is written until everything
       // before it (and the consistency mark) is durable.

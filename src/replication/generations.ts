@@ -17,6 +17,11 @@ export interface Generations {
   base: GenerationId | null;
   /** Earlier generations, oldest first (at most HISTORY_MAX). */
   history: GenerationId[];
+  /**
+   * On a replica a resync is being made into: it took the sender's generation when the resync
+   * began, and `from` is the one it held before (null: it held nothing). Null otherwise.
+   */
+  resync: { from: GenerationId | null } | null;
 }
 
 export const HISTORY_MAX = 16;
@@ -47,11 +52,20 @@ interface Rule {
   readonly decision: HandshakeDecision;
 }
 
-/** The handshake's rules, first match wins. test/replication/generations.test.ts runs them against the model's cases. */
+/** What a receiver's data is: the generation it held before a cut-off resync, else its own. */
+function heldBefore(s: Generations): GenerationId | null {
+  return s.resync !== null ? s.resync.from : s.current;
+}
+
+/**
+ * The handshake's rules (model/gen_model.py `decide`), first match wins; the README reproduces
+ * them. test/replication/generations.test.ts runs them against every case of the model.
+ */
 export const HANDSHAKE_RULES: readonly Rule[] = [
   {
-    when: 'the secondary has no generation (created, never in sync)',
-    test: (_p, s) => s.current === null,
+    // First: a replica in its first full sync took the generation at its start.
+    when: 'the secondary holds no one’s data (created, or its first full sync not done)',
+    test: (_p, s) => heldBefore(s) === null,
     decision: 'fullSync',
   },
   {
@@ -60,8 +74,21 @@ export const HANDSHAKE_RULES: readonly Rule[] = [
     decision: 'resync',
   },
   {
-    when: "the secondary's generation is the primary's base (only the primary wrote apart)",
-    test: (p, s) => p.base !== null && p.base === s.current,
+    when: "the secondary is at the primary's base (only the primary wrote apart)",
+    test: (p, s) => p.base !== null && (p.base === s.current || p.base === heldBefore(s)),
+    decision: 'resync',
+  },
+  {
+    when: 'the primary is back at the generation the secondary held before a resync that was cut off',
+    test: (p, s) => heldBefore(s) === p.current,
+    decision: 'resync',
+  },
+  {
+    when: 'the secondary is in a resync cut off from the primary’s line (it has written nothing since)',
+    test: (p, s) =>
+      s.resync !== null &&
+      ((heldBefore(s) !== null && p.history.includes(heldBefore(s)!)) ||
+        (s.current !== null && p.history.includes(s.current))),
     decision: 'resync',
   },
   {
@@ -70,8 +97,10 @@ export const HANDSHAKE_RULES: readonly Rule[] = [
     decision: 'peerNewer',
   },
   {
-    when: 'both wrote apart from the same generation',
-    test: (p, s) => p.base !== null && p.base === s.base,
+    when: 'one side wrote apart from a generation the other has left too',
+    test: (p, s) =>
+      (p.base !== null && s.history.includes(p.base) && p.base !== s.current && p.base !== heldBefore(s)) ||
+      (s.base !== null && p.history.includes(s.base) && p.current !== s.base),
     decision: 'splitBrain',
   },
   {
@@ -95,22 +124,41 @@ export function startGeneration(g: Generations, newId: GenerationId): Generation
   if (g.base !== null || g.current === null) {
     // A node without a generation (a replica promoted with --force before any sync) starts one
     // with no base: it shares nothing with anyone.
-    return g.current === null ? { current: newId, base: null, history: g.history } : g;
+    return g.current === null ? { current: newId, base: null, history: g.history, resync: null } : g;
   }
-  return { current: newId, base: g.current, history: pushHistory(g.history, g.current) };
+  return { current: newId, base: g.current, history: pushHistory(g.history, g.current), resync: null };
 }
 
 /** Demote and --discard-local-changes: give up the history begun apart (current returns to base). */
 export function giveUpGeneration(g: Generations): Generations {
   if (g.base === null) return g;
-  return { current: g.base, base: null, history: g.history };
+  return { current: g.base, base: null, history: g.history, resync: null };
 }
 
-/** The receiver of a resync, when it ends (durably consistent): takes the sender's generation. */
+/**
+ * The receiver of a resync, when it begins (in the record that marks it inconsistent, durable
+ * before its welcome): takes the sender's generation and remembers the one it held before.
+ */
 export function adoptGeneration(g: Generations, senderCurrent: GenerationId): Generations {
-  const history =
-    g.current === null || g.current === senderCurrent ? g.history : pushHistory(g.history, g.current);
-  return { current: senderCurrent, base: null, history };
+  if (g.current === senderCurrent) return g;
+  const history = g.current === null ? g.history : pushHistory(g.history, g.current);
+  return { current: senderCurrent, base: null, history, resync: g.resync ?? { from: g.current } };
+}
+
+/** The receiver, once a resync into it has ended (durably consistent). */
+export function endResync(g: Generations): Generations {
+  return g.resync === null ? g : { ...g, resync: null };
+}
+
+/**
+ * promote --force of a replica a resync was cut off in: back to the generation it held before
+ * (it has that one's data and more, not all of the sender's); one that held nothing starts a
+ * history of its own.
+ */
+export function forcedPromotion(g: Generations, newId: () => GenerationId): Generations {
+  const current = heldBefore(g);
+  if (current === null) return { current: newId(), base: null, history: [], resync: null };
+  return { current, base: null, history: g.history, resync: null };
 }
 
 /** The sender, once the receiver holds its generation: nothing apart any more. */
@@ -125,7 +173,7 @@ function pushHistory(history: readonly GenerationId[], id: GenerationId): Genera
 
 /** The generations of metadata written before generations existed: one shared, derived id per volume. */
 export function legacyGenerations(volumeId: string, hasData: boolean): Generations {
-  return { current: hasData ? `legacy-${volumeId}` : null, base: null, history: [] };
+  return { current: hasData ? `legacy-${volumeId}` : null, base: null, history: [], resync: null };
 }
 
 /** Checks a parsed value (from a state file or the wire); undefined when it is not Generations. */
@@ -137,7 +185,19 @@ export function parseGenerations(v: unknown): Generations | undefined {
   if (!Array.isArray(g.history) || g.history.length > HISTORY_MAX) return undefined;
   if (!g.history.every((h) => typeof h === 'string' && ID_PATTERN.test(h))) return undefined;
   if (g.base !== null && g.current === null) return undefined;
-  return { current: g.current as string | null, base: g.base as string | null, history: [...g.history] };
+  let resync: Generations['resync'] = null;
+  if (g.resync !== undefined && g.resync !== null) {
+    if (typeof g.resync !== 'object') return undefined;
+    const from = (g.resync as Record<string, unknown>).from;
+    if (!id(from)) return undefined;
+    resync = { from: from as string | null };
+  }
+  return {
+    current: g.current as string | null,
+    base: g.base as string | null,
+    history: [...g.history],
+    resync,
+  };
 }
 
 /** A short form for logs and status: the first 8 hex digits. */

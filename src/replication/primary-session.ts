@@ -409,6 +409,10 @@ export class PrimarySession {
         `the secondary announced ${welcome.dirtyRegions} dirty regions of its own and sent ${peerDirtyCount}`,
       );
     this.emit({ type: 'handshake', decision, peer: welcome.generations });
+    // The replica took this side's generation before welcoming it: nothing here is apart any
+    // more (dropped before anything is streamed, as the model has it).
+    if (welcome.generations.current === own.current && own.base !== null)
+      this.emit({ type: 'peerHoldsGeneration' });
     this.welcome = welcome;
     this.connections += 1;
     this.keepAliveAtMs = this.lastHeardMs + KEEP_ALIVE_INTERVAL_MS;
@@ -446,8 +450,6 @@ export class PrimarySession {
       this.emit({ type: 'markDirty', bits: peerDirty });
       return;
     }
-    if (welcome.consistent && welcome.generations.current === own.current && own.base !== null)
-      this.emit({ type: 'peerHoldsGeneration' });
     this.move('welcome');
     // A replica of another generation takes this side's at the resync's end: there must be one.
     this.connectEngine(
@@ -473,12 +475,6 @@ export class PrimarySession {
       this.replicaEverSynced = true;
       this.emit({ type: 'replicaEverSynced' });
     }
-    // Consistent on this connection: the replica took this hello's generation (at its resync's end).
-    if (
-      this.opts.generations().base !== null &&
-      this.opts.generations().current === this.helloGenerations?.current
-    )
-      this.emit({ type: 'peerHoldsGeneration' });
   }
 
   /** This side's connection is up and streaming: writes now are in step with the secondary. */

@@ -17,6 +17,7 @@ import { ChunkQueue } from '../io/chunk-queue.js';
 import type { ApplierOp, ReplicaState } from './applier.js';
 import { encodeFrame, FrameDecoder } from './frames.js';
 import {
+  adoptGeneration,
   decideHandshake,
   describeRefusal,
   type Generations,
@@ -69,6 +70,11 @@ export type SecondarySessionAction =
   | { type: 'handshakeRefused'; decision: HandshakeDecision; peer: Generations; reason: string }
   /** The generations decided for this primary. */
   | { type: 'handshakeAccepted'; decision: HandshakeDecision; peer: Generations }
+  /**
+   * Record durably that the replica takes the primary's generation and is inconsistent (a resync
+   * begins), then call handleSettled again.
+   */
+  | { type: 'recordResyncStart'; generations: Generations }
   | { type: 'log'; level: LogLevel; msg: string; fields?: Record<string, unknown> };
 
 export interface ReplicaIdentity {
@@ -165,6 +171,13 @@ export class SecondarySession {
     const hello = this.hello!;
     const decision = decideHandshake(hello.generations, state.generations);
     if (!accepts(decision)) return this.refuse(decision, state.generations);
+    if (state.generations.current !== hello.generations.current) {
+      // The replica takes the primary's generation before the welcome, in the record that marks
+      // it inconsistent: a sender never learns of it later than its receiver (model/gen_model.py).
+      const generations = adoptGeneration(state.generations, hello.generations.current!);
+      this.emit({ type: 'recordResyncStart', generations });
+      return;
+    }
     this.move('settled');
     for (const piece of dirty.pieces) this.send('dirtyBitmap', encodeDirtyBitmap(piece));
     const welcome: Welcome = { ...this.replica, role: 'secondary', ...state, dirtyRegions: dirty.count };
@@ -223,11 +236,7 @@ export class SecondarySession {
       case 'resyncBegin':
         return this.emit({ type: 'apply', op: { kind: 'resyncBegin' } });
       case 'resyncEnd':
-        // The replica takes the primary's generation in the record that makes it consistent.
-        return this.emit({
-          type: 'apply',
-          op: { kind: 'resyncEnd', adopt: this.hello!.generations.current! },
-        });
+        return this.emit({ type: 'apply', op: { kind: 'resyncEnd' } });
       case 'keepAlive':
         return this.send('keepAlive');
       default:

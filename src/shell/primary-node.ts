@@ -645,7 +645,7 @@ export function validatePairState(v: unknown, volumeId?: string): PairState | un
 export function initialPairState(): PairState {
   return {
     replicaEverSynced: false,
-    generations: { current: randomGenerationId(), base: null, history: [] },
+    generations: { current: randomGenerationId(), base: null, history: [], resync: null },
   };
 }
 

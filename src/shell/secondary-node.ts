@@ -78,7 +78,7 @@ export interface SecondaryNodeStatus {
 export const INITIAL_REPLICA_STATE: ReplicaState = {
   lastAppliedUpdate: 0,
   consistent: false,
-  generations: { current: null, base: null, history: [] },
+  generations: { current: null, base: null, history: [], resync: null },
 };
 
 export class SecondaryNode {
@@ -291,6 +291,14 @@ export class SecondaryNode {
           peer: a.peer,
           reason: a.reason,
         };
+        return;
+      case 'recordResyncStart':
+        void this.applier.recordResyncStart(a.generations).then(() =>
+          this.run(peer, () => {
+            if (this.applier.failed) peer.session.drop(`replica failed: ${this.applier.failed.message}`);
+            else peer.session.handleSettled(this.applier.state, this.ownDirty());
+          }),
+        );
         return;
       case 'handshakeAccepted':
         this.lastHandshake = { decision: a.decision, atMs: this.opts.clock.now(), peer: a.peer };

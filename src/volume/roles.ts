@@ -12,7 +12,7 @@ import { VolrepError } from '../errors.js';
 import type { NodeBlockFile } from '../io/block-file.js';
 import { SlotFile } from '../io/slot-file.js';
 import type { ReplicaState } from '../replication/applier.js';
-import { type Generations, giveUpGeneration } from '../replication/generations.js';
+import { forcedPromotion, type Generations, giveUpGeneration } from '../replication/generations.js';
 import type { PairState } from '../replication/primary-session.js';
 import { randomGenerationId, validatePairState } from '../shell/primary-node.js';
 import { validateReplicaState } from '../shell/secondary-node.js';
@@ -24,6 +24,42 @@ import {
   REPLICA_STATE_FILE,
   VolumeFile,
 } from './volume.js';
+
+/**
+ * The pair state a promoted replica starts with (the rule, for the CLI and the simulator): its
+ * generation as it is (a new one comes with its first write). Refuses a replica marked
+ * inconsistent, or never in sync, unless `force`.
+ */
+export function promotedPairState(
+  state: ReplicaState,
+  force: boolean,
+  what: string,
+  newId = randomGenerationId,
+): PairState {
+  if (!state.consistent && !force) {
+    throw new VolrepError(
+      'VOLREP_ERR_INCONSISTENT',
+      state.generations.current === null
+        ? `${what} was never in sync with a primary: it holds no primary's data. 'volrep promote --force' makes it a primary anyway, as a new, unrelated history`
+        : `${what} is marked inconsistent: a resync into it was cut short, so some regions hold the primary's newer data and others older data — no state the primary ever had (a file system on it may not mount). Prefer the old primary if it can be reached; 'volrep promote --force' makes this replica a primary anyway, and a later meeting with the old primary is then reported as a split brain if that one wrote anything since`,
+    );
+  }
+  // Forced: back to what it held before the cut-off resync (or a history of its own).
+  const g = state.generations;
+  const generations: Generations =
+    (force && !state.consistent) || g.current === null ? forcedPromotion(g, newId) : g;
+  return { replicaEverSynced: true, generations };
+}
+
+/**
+ * The replica state a primary becoming a secondary starts with: with `giveUp` (demote) its
+ * generation returns to the one both last shared; update ids restart with the new primary's;
+ * consistent, as its data is a state a primary (itself) had (a resync into it marks it otherwise).
+ */
+export function secondaryState(pair: PairState, giveUp: boolean): ReplicaState {
+  const generations = giveUp ? giveUpGeneration(pair.generations) : pair.generations;
+  return { lastAppliedUpdate: 0, consistent: true, generations };
+}
 
 export interface RoleChange {
   meta: Meta;
@@ -80,19 +116,9 @@ export async function promote(
       'the replica state says whether this replica is consistent',
       (v) => validateReplicaState(v, file.meta.volumeId),
     );
-    if (!state.consistent && !opts.force) {
-      throw new VolrepError(
-        'VOLREP_ERR_INCONSISTENT',
-        state.generations.current === null
-          ? `${volumePath} was never in sync with a primary: it holds no primary's data. 'volrep promote --force' makes it a primary anyway, as a new, unrelated history`
-          : `${volumePath} is marked inconsistent: a resync into it was cut short, so some regions hold the primary's newer data and others older data — no state the primary ever had (a file system on it may not mount). Prefer the old primary if it can be reached; 'volrep promote --force' makes this replica a primary anyway, and a later meeting with the old primary is then reported as a split brain if that one wrote anything since`,
-      );
-    }
+    const pair = promotedPairState(state, opts.force === true, volumePath);
     const before = state.generations;
-    // A replica that never held anyone's data starts a history of its own, shared with no one.
-    const after: Generations =
-      before.current === null ? { current: randomGenerationId(), base: null, history: [] } : before;
-    const pair: PairState = { replicaEverSynced: true, generations: after };
+    const after = pair.generations;
     return { meta: await commit(file, PAIR_STATE_FILE, pair, 'primary'), before, after };
   } finally {
     await file.close();
@@ -119,11 +145,9 @@ export async function becomeSecondary(
       "the pair state holds this primary's data generation",
       (v) => validatePairState(v, file.meta.volumeId),
     );
+    const state = secondaryState(pair, opts.giveUp);
     const before = pair.generations;
-    const after = opts.giveUp ? giveUpGeneration(before) : before;
-    // Update ids restart with the new primary's: nothing of its stream is applied here yet.
-    // Consistent: its data is a state a primary (itself) had; a resync into it marks it otherwise.
-    const state: ReplicaState = { lastAppliedUpdate: 0, consistent: true, generations: after };
+    const after = state.generations;
     return { meta: await commit(file, REPLICA_STATE_FILE, state, 'secondary'), before, after };
   } finally {
     await file.close();

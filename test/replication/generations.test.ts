@@ -14,6 +14,8 @@ import { promisify } from 'node:util';
 import {
   adoptGeneration,
   decideHandshake,
+  endResync,
+  forcedPromotion,
   type Generations,
   giveUpGeneration,
   type HandshakeDecision,
@@ -29,6 +31,7 @@ interface ModelGens {
   current: number;
   base: number | null;
   history: number[];
+  resync_from?: number | null;
 }
 interface ModelCase {
   primary: ModelGens;
@@ -49,6 +52,7 @@ const fromModel = (g: ModelGens): Generations => ({
   current: id(g.current),
   base: g.base === null ? null : id(g.base),
   history: g.history.map(id),
+  resync: g.resync_from === null || g.resync_from === undefined ? null : { from: id(g.resync_from) },
 });
 
 test('every handshake of the model gets the model’s decision', async () => {
@@ -87,11 +91,23 @@ test('the model in this tree finds no violation and gives exactly the committed 
 });
 
 test('each rule the model shows necessary is broken by its flag', async () => {
-  for (const flag of ['no_rotate', 'no_union', 'no_split_rule', 'demote_keeps_gen', 'demote_not_atomic']) {
+  for (const flag of [
+    'no_rotate',
+    'no_union',
+    'no_split_rule',
+    'no_reverse_split',
+    'no_resync_from',
+    'no_cut_receiver_rule',
+    'demote_keeps_gen',
+    'demote_not_atomic',
+    'gen_at_end',
+    'force_keeps_adopted',
+    'force_promote_clears_dirty',
+  ]) {
     const r = await run('python3', [
       path.join(ROOT, 'model/gen_model.py'),
       '--depth',
-      '9',
+      '12',
       '--flag',
       flag,
     ]).then(
@@ -102,26 +118,53 @@ test('each rule the model shows necessary is broken by its flag', async () => {
   }
 });
 
-test('the rows the model never reaches: a replica never synced, nothing in common, an old generation', () => {
-  const p: Generations = { current: id(9), base: id(5), history: [id(1), id(5)] };
-  assert.equal(decideHandshake(p, { current: null, base: null, history: [] }), 'fullSync');
-  assert.equal(decideHandshake(p, { current: id(77), base: null, history: [] }), 'unrelated');
-  assert.equal(decideHandshake(p, { current: id(1), base: null, history: [] }), 'fullOnRequest');
+const g = (
+  current: number | null,
+  base: number | null,
+  history: number[],
+  from?: number | null,
+): Generations => ({
+  current: current === null ? null : id(current),
+  base: base === null ? null : id(base),
+  history: history.map(id),
+  resync: from === undefined ? null : { from: from === null ? null : id(from) },
 });
 
-test('generation moves: lazy start, give up, adopt', () => {
-  const g0: Generations = { current: id(1), base: null, history: [] };
+test('the rows the model never reaches: a replica never synced or in its first full sync, nothing in common, an old generation', () => {
+  const p = g(9, 5, [1, 5]);
+  assert.equal(decideHandshake(p, g(null, null, [])), 'fullSync');
+  assert.equal(decideHandshake(p, g(9, null, [], null)), 'fullSync', 'its first full sync was cut off');
+  assert.equal(decideHandshake(p, g(77, null, [])), 'unrelated');
+  assert.equal(decideHandshake(p, g(1, null, [])), 'fullOnRequest');
+});
+
+test('generation moves: lazy start, give up, adopt at a resync start, end it, forced promotion', () => {
+  const g0 = g(1, null, []);
   const g1 = startGeneration(g0, id(2));
-  assert.deepEqual(g1, { current: id(2), base: id(1), history: [id(1)] });
+  assert.deepEqual(g1, g(2, 1, [1]));
   assert.equal(startGeneration(g1, id(3)), g1, 'one history per time apart');
-  assert.deepEqual(giveUpGeneration(g1), { current: id(1), base: null, history: [id(1)] });
-  assert.deepEqual(adoptGeneration(g0, id(2)), { current: id(2), base: null, history: [id(1)] });
-  assert.deepEqual(startGeneration({ current: null, base: null, history: [] }, id(4)), {
-    current: id(4),
-    base: null,
-    history: [],
-  });
+  assert.deepEqual(giveUpGeneration(g1), g(1, null, [1]));
+  const adopted = adoptGeneration(g0, id(2));
+  assert.deepEqual(adopted, g(2, null, [1], 1), 'it remembers what it held');
+  assert.deepEqual(
+    adoptGeneration(adopted, id(3)),
+    g(3, null, [1, 2], 1),
+    'a second cut-off resync keeps the first',
+  );
+  assert.deepEqual(endResync(adopted), g(2, null, [1]));
+  assert.deepEqual(
+    forcedPromotion(adopted, () => id(99)),
+    g(1, null, [1]),
+    'forced: back to what it held',
+  );
+  assert.deepEqual(
+    forcedPromotion(adoptGeneration(g(null, null, []), id(2)), () => id(99)),
+    g(99, null, []),
+  );
+  assert.deepEqual(startGeneration(g(null, null, []), id(4)), g(4, null, []));
   assert.equal(parseGenerations({ current: 'x', base: null, history: [] }), undefined);
   assert.equal(parseGenerations({ current: null, base: id(1), history: [] }), undefined);
+  assert.equal(parseGenerations({ ...g1, resync: { from: 7 } }), undefined);
   assert.deepEqual(parseGenerations(g1), g1);
+  assert.deepEqual(parseGenerations(adopted), adopted);
 });

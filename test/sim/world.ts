@@ -216,7 +216,7 @@ export class World {
     await BitmapFile.format(this.bitmapDisk, this.regionCount);
     await SlotFile.format(this.pairDisk, {
       replicaEverSynced: false,
-      generations: { current: this.newGenerationId(), base: null, history: [] },
+      generations: { current: this.newGenerationId(), base: null, history: [], resync: null },
     });
     await SlotFile.format(this.stateDisk, INITIAL_REPLICA_STATE);
     await LogFile.format(this.secLogDisk);
