@@ -41,7 +41,17 @@ type Status = Record<string, unknown> & {
   replica?: { consistent: boolean; lastAckedUpdate: number };
   lastAppliedUpdate?: number;
   consistent?: boolean;
+  generation?: { current: string | null; base: string | null };
+  peerGeneration?: { current: string | null; base: string | null } | null;
+  handshake?: { decision: string | null; at: string | null; summary: string };
 };
+
+/** A generation id in short (its first 8 hex digits), and its base while it holds writes made apart. */
+function generationLine(g: { current: string | null; base: string | null }): string {
+  const short = (id: string | null) =>
+    id === null ? 'none' : id.startsWith('legacy-') ? 'legacy' : id.slice(0, 8);
+  return g.base === null ? short(g.current) : `${short(g.current)} (wrote apart since ${short(g.base)})`;
+}
 
 export async function runStatus(flags: StatusFlags): Promise<void> {
   const address = parseHostPort(flags.http, '--http');
@@ -138,6 +148,9 @@ export function render(s: Status): string {
     );
   }
   if (s.peer?.state === 'resyncing' && s.resync) lines.push(`resync      ${progress(s.resync)}`);
+  if (s.generation) lines.push(`generation  ${generationLine(s.generation)}`);
+  if (s.peerGeneration) lines.push(`peer gen.   ${generationLine(s.peerGeneration)}`);
+  if (s.handshake) lines.push(`handshake   ${s.handshake.summary}`);
   return `${lines.join('\n')}\n`;
 }
 

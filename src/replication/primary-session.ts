@@ -385,8 +385,8 @@ export class PrimarySession {
       );
     }
     const own = this.opts.generations();
-    // A write apart started a new generation after the hello went out: the secondary would take
-    // the old one at the resync's end. Say hello again with the new one.
+    // A write apart started a new generation after the hello went out: the secondary took the
+    // old one. Say hello again with the new one.
     if (own !== this.helloGenerations)
       return this.fail('this side started a new generation during the handshake');
     const decision = decideHandshake(own, welcome.generations);
@@ -451,7 +451,7 @@ export class PrimarySession {
       return;
     }
     this.move('welcome');
-    // A replica of another generation takes this side's at the resync's end: there must be one.
+    // A replica not (yet) consistent gets a resync pass, whose end mark makes it consistent.
     this.connectEngine(
       welcome.lastAppliedUpdate,
       welcome.consistent && welcome.generations.current === own.current,

@@ -7,7 +7,7 @@
 import assert from 'node:assert/strict';
 import { copyFileSync, cpSync, rmSync } from 'node:fs';
 import { after, describe, it } from 'node:test';
-import { sha256File } from '../helpers/clients.js';
+import { sha256File, volrepAsync } from '../helpers/clients.js';
 import { volrep } from '../helpers/daemon.js';
 import { REGION, type Site, Sites, writeRegions } from './sites.js';
 
@@ -164,6 +164,10 @@ for (const direction of ['A→B', 'B→A'] as const) {
         assert.equal(st.splitBrain, true);
         assert.match(st.handshake.summary, /^split brain since .*--discard-local-changes/);
       }
+      const printed = await volrepAsync(['status', '--http', p.primary!.http!]);
+      assert.match(printed.stdout, /^handshake\s+split brain since .*--discard-local-changes/m);
+      assert.match(printed.stdout, /^generation\s+[0-9a-f]{8} \(wrote apart since [0-9a-f]{8}\)$/m);
+      assert.match(printed.stdout, /^peer gen\.\s+[0-9a-f]{8} \(wrote apart since [0-9a-f]{8}\)$/m);
       assert.deepEqual(await hashes(sites), h, 'nothing written by the refused handshake');
     });
 
