@@ -40,7 +40,7 @@ import { promotedPairState, secondaryState } from '../../src/volume/roles.js';
 import { Prng } from './prng.js';
 import { SimDisk } from './sim-disk.js';
 import { IoQueue, type NodeName, SimDevice, SimFile, SimNetwork, SimTime } from './sim-io.js';
-import { SIM_VOLUME_ID, SimFailure, settle } from './world.js';
+import { SIM_VOLUME_ID, SimFailure, settle, statusInSync } from './world.js';
 
 const REGION = 4096;
 const REGIONS = 8;
@@ -592,13 +592,7 @@ export class FailoverSim {
     const prim = this.sites.find((s) => s.node instanceof PrimaryNode);
     const sec = this.sites.find((s) => s.node instanceof SecondaryNode);
     if (!prim || !sec || this.io.pending.length > 0) return false;
-    const st = (prim.node as PrimaryNode).status();
-    return (
-      st.dirtyRegions === 0 &&
-      st.pendingUpdates === 0 &&
-      st.link?.state === 'streaming' &&
-      st.link.replicaConsistent
-    );
+    return statusInSync((prim.node as PrimaryNode).status());
   }
 
   private state(): string {

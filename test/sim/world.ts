@@ -15,7 +15,12 @@ import { BitmapFile } from '../../src/log/bitmap-file.js';
 import { LogFile } from '../../src/log/log-file.js';
 import { FrameDecoder } from '../../src/replication/frames.js';
 import { decodeMessage } from '../../src/replication/messages.js';
-import { type NodeLogger, PrimaryNode, type PrimaryNodeConfig } from '../../src/shell/primary-node.js';
+import {
+  type NodeLogger,
+  PrimaryNode,
+  type PrimaryNodeConfig,
+  type PrimaryNodeStatus,
+} from '../../src/shell/primary-node.js';
 import { INITIAL_REPLICA_STATE, SecondaryNode } from '../../src/shell/secondary-node.js';
 import { Checks } from './checks.js';
 import { Prng } from './prng.js';
@@ -677,13 +682,7 @@ export class World {
     const node = this.primary.node;
     if (this.primary.state !== 'up' || this.secondary.state !== 'up' || node === undefined) return false;
     if (this.workload.outstanding > 0 || this.io.pending.length > 0) return false;
-    const s = node.status();
-    return (
-      s.dirtyRegions === 0 &&
-      s.pendingUpdates === 0 &&
-      s.link?.state === 'streaming' &&
-      s.link.replicaConsistent
-    );
+    return statusInSync(node.status());
   }
 
   private syncState(): string {
@@ -697,6 +696,16 @@ export class World {
       connections: this.net.connections.length,
     });
   }
+}
+
+/** A primary's status says in sync: nothing dirty or pending, streaming, the replica consistent. */
+export function statusInSync(s: PrimaryNodeStatus): boolean {
+  return (
+    s.dirtyRegions === 0 &&
+    s.pendingUpdates === 0 &&
+    s.link?.state === 'streaming' &&
+    s.link.replicaConsistent
+  );
 }
 
 /** Lets every promise continuation of the step run (nothing in the world does real I/O). */
