@@ -17,7 +17,14 @@ import { SecondaryNode } from '../shell/secondary-node.js';
 import { formatHostPort, type HostPort } from '../util/address.js';
 import { FileDevice } from '../volume/file-device.js';
 import { becomeSecondary, discardLocalChanges } from '../volume/roles.js';
-import { BITMAP_FILE, LOG_FILE, openMetadataFile, REPLICA_STATE_FILE, VolumeFile } from '../volume/volume.js';
+import {
+  BITMAP_FILE,
+  LOG_FILE,
+  openMetadataFile,
+  REPLICA_STATE_FILE,
+  VolumeFile,
+  withMetaDirName,
+} from '../volume/volume.js';
 import { type GenerationStatus, generationStatus } from './handshake-status.js';
 import { startHttp } from './http.js';
 import { type LinkSecurityOptions, resolveLinkSecurity } from './link-security.js';
@@ -120,15 +127,14 @@ export async function startSecondary(opts: SecondaryOptions): Promise<RunningSec
       'the bitmap says which regions this side may hold differently',
     );
     metaFiles.push(bitmap);
-    node = await SecondaryNode.open(
-      { replica: new FileDevice(volume.fd, volume.size), state: stateFile, log, bitmap },
-      { volumeId: volume.meta.volumeId, size: volume.size, regionSize: volume.meta.regionSize },
-      { clock: systemClock, logger: opts.logger, onFailure: opts.onFailure },
-    ).catch((err: unknown) => {
-      if (err instanceof VolrepError)
-        throw new VolrepError(err.code, `${volume.metaDir}/${err.message}`, { cause: err });
-      throw err;
-    });
+    const state = stateFile;
+    node = await withMetaDirName(volume.metaDir, () =>
+      SecondaryNode.open(
+        { replica: new FileDevice(volume.fd, volume.size), state, log, bitmap },
+        { volumeId: volume.meta.volumeId, size: volume.size, regionSize: volume.meta.regionSize },
+        { clock: systemClock, logger: opts.logger, onFailure: opts.onFailure },
+      ),
+    );
   } catch (err) {
     await stateFile?.close();
     for (const f of metaFiles) await f.close();

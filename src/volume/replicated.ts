@@ -19,7 +19,14 @@ import {
 } from '../shell/primary-node.js';
 import { FileDevice } from './file-device.js';
 import type { Meta } from './meta.js';
-import { BITMAP_FILE, LOG_FILE, openMetadataFile, PAIR_STATE_FILE, VolumeFile } from './volume.js';
+import {
+  BITMAP_FILE,
+  LOG_FILE,
+  openMetadataFile,
+  PAIR_STATE_FILE,
+  VolumeFile,
+  withMetaDirName,
+} from './volume.js';
 
 /** Regions kept covered by their log record after their writes (DRBD's activity log). */
 export const DEFAULT_ACTIVITY_WINDOW_BYTES = 1024 ** 3;
@@ -102,7 +109,7 @@ export class Volume {
       const raw = new FileDevice(file.fd, file.size);
       const { meta } = file;
       const windowBytes = opts.activityWindowBytes ?? DEFAULT_ACTIVITY_WINDOW_BYTES;
-      const node = await withFileName(file.metaDir, () =>
+      const node = await withMetaDirName(file.metaDir, () =>
         PrimaryNode.open(
           { log, bitmap, pairState, volume: raw },
           {
@@ -321,13 +328,3 @@ class EngineDevice implements BlockDevice {
 }
 
 /** Errors of the metadata formats name no directory: add it. */
-async function withFileName<T>(metaDir: string, open: () => Promise<T>): Promise<T> {
-  try {
-    return await open();
-  } catch (err) {
-    if (err instanceof VolrepError && /^VOLREP_ERR_(LOG_|BITMAP_|META)/.test(err.code)) {
-      throw new VolrepError(err.code, `${metaDir}: ${err.message}`, { cause: err });
-    }
-    throw err;
-  }
-}

@@ -288,3 +288,15 @@ export class VolumeFile {
     await this.lock.release();
   }
 }
+
+/** Names the metadata directory in a metadata file's refusal (the file's own message names the file). */
+export async function withMetaDirName<T>(metaDir: string, open: () => Promise<T>): Promise<T> {
+  try {
+    return await open();
+  } catch (err) {
+    if (err instanceof VolrepError && /^VOLREP_ERR_(LOG_|BITMAP_|META)/.test(err.code)) {
+      throw new VolrepError(err.code, `${metaDir}: ${err.message}`, { cause: err });
+    }
+    throw err;
+  }
+}

@@ -122,10 +122,10 @@ describe('a metadata file that is missing or unreadable never means clean', { ti
     assert.equal(existsSync(path.join(metaDir, 'lock')), false, 'a refused start must not leave the lock');
   }
 
-  /** Every file a daemon reads besides meta.json (the secondary reads only replica-state). */
+  /** Every file a daemon reads besides meta.json (the secondary reads its log and bitmap too: its own dirty set). */
   const roleFiles: Array<[Role, string]> = [
     ...PRIMARY_FILES.map((f): [Role, string] => ['primary', f]),
-    ['secondary', 'replica-state'],
+    ...REPLICA_FILES.map((f): [Role, string] => ['secondary', f]),
   ];
 
   for (const [role, file] of roleFiles) {
