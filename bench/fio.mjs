@@ -14,6 +14,9 @@
 //   node bench/fio.mjs scatter HOST:PORT EXPORT COUNT REGION_SIZE
 //                                                writes COUNT distinct random regions (random bytes, whole
 //                                                regions) through NBD with dist/nbd/client.js, then FLUSH
+//   node bench/fio.mjs mirror QMP.sock             over QEMU's QMP socket: starts blockdev-mirror of node
+//                                                'src' to 'tgt' in copy-mode write-blocking (a write completes
+//                                                once both wrote it) and waits until the job is ready
 //   node bench/fio.mjs report SAMPLES.tsv OUT.json [RESYNC.kv RSYNC.txt]
 //                                                medians per row and target, ratios, log syncs and records
 //                                                per write, tables on stdout and the same as JSON in OUT.json;
@@ -41,6 +44,7 @@ const TARGETS = [
   { target: 'volrep-sync', key: 'd', label: '(d) sync pair' },
   { target: 'volrep-small', key: 'e', label: '(e) small window' },
   { target: 'volrep-async-plain', key: 'f', label: '(f) async plaintext' },
+  { target: 'qemu-mirror', key: 'g', label: '(g) QEMU mirror' },
 ];
 
 const RATIOS = [
@@ -49,6 +53,9 @@ const RATIOS = [
   ['d', 'b'],
   // TLS (the default) against plaintext, same pair otherwise.
   ['c', 'f'],
+  // Against a peer that replicates: QEMU's synchronous (write-blocking) mirror.
+  ['d', 'g'],
+  ['c', 'g'],
 ];
 
 // Prometheus series read by `metrics`, in output order.
@@ -281,7 +288,7 @@ function report(samplesFile, jsonFile, resyncFile, rsyncFile) {
       usPerOpPrimary: medianOrNull(mine.map((s) => s.usPerOpPrimary)),
       usPerOpSecondary: medianOrNull(mine.map((s) => s.usPerOpSecondary)),
       syncWaitMsMedian: waits.length ? median(waits) : null,
-      log: def.writes && target !== 'nbdkit' ? logFigures(mine) : null,
+      log: def.writes && target !== 'nbdkit' && target !== 'qemu-mirror' ? logFigures(mine) : null,
     };
   };
   const rows = ROWS.map((def) => {
@@ -415,6 +422,64 @@ function report(samplesFile, jsonFile, resyncFile, rsyncFile) {
   fs.writeFileSync(jsonFile, `${JSON.stringify({ ...meta, rows, resync }, null, 2)}\n`);
 }
 
+/** QMP: one JSON object per line each way; returns a function that sends a command and awaits its reply. */
+async function qmpConnect(socketPath) {
+  const socket = net.connect(socketPath);
+  let buffered = '';
+  const waiting = [];
+  const lines = [];
+  socket.setEncoding('utf8');
+  socket.on('data', (chunk) => {
+    buffered += chunk;
+    for (let i = buffered.indexOf('\n'); i >= 0; i = buffered.indexOf('\n')) {
+      const line = buffered.slice(0, i).trim();
+      buffered = buffered.slice(i + 1);
+      if (!line) continue;
+      const message = JSON.parse(line);
+      if (message.event) continue; // job status events: polled below instead
+      if (waiting.length > 0) waiting.shift()(message);
+      else lines.push(message);
+    }
+  });
+  await new Promise((resolve, reject) => {
+    socket.once('connect', resolve);
+    socket.once('error', reject);
+  });
+  const next = () =>
+    lines.length > 0 ? Promise.resolve(lines.shift()) : new Promise((r) => waiting.push(r));
+  const greeting = await next();
+  if (!greeting.QMP) fail(`QMP: unexpected greeting ${JSON.stringify(greeting)}`);
+  const execute = async (command, args) => {
+    socket.write(`${JSON.stringify(args ? { execute: command, arguments: args } : { execute: command })}\n`);
+    const reply = await next();
+    if (reply.error) fail(`QMP ${command}: ${reply.error.desc}`);
+    return reply.return;
+  };
+  return { execute, close: () => socket.end() };
+}
+
+async function mirror(socketPath) {
+  const qmp = await qmpConnect(socketPath);
+  await qmp.execute('qmp_capabilities');
+  await qmp.execute('blockdev-mirror', {
+    'job-id': 'm0',
+    device: 'src',
+    target: 'tgt',
+    sync: 'full',
+    'copy-mode': 'write-blocking',
+  });
+  const deadline = Date.now() + 300_000;
+  for (;;) {
+    const jobs = await qmp.execute('query-block-jobs');
+    const job = jobs.find((j) => j.device === 'm0');
+    if (job === undefined) fail('QMP: the mirror job is gone');
+    if (job.ready) break;
+    if (Date.now() > deadline) fail('QMP: the mirror was not ready within 300 s');
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  qmp.close();
+}
+
 const [command, ...args] = process.argv.slice(2);
 if (command === 'port') freePort();
 else if (command === 'parse' && args.length === 1) parse(args[0]);
@@ -424,10 +489,11 @@ else if (command === 'status' && args.length === 2) await status(args[0], args[1
 else if (command === 'insync' && args.length === 2) await insync(args[0], Number(args[1]));
 else if (command === 'scatter' && args.length === 4)
   await scatter(args[0], args[1], Number(args[2]), Number(args[3]));
+else if (command === 'mirror' && args.length === 1) await mirror(args[0]);
 else if (command === 'report' && (args.length === 2 || args.length === 4)) report(...args);
 else
   fail(
     'usage: fio.mjs port | parse FIO.json | metrics HOST:PORT | counter HOST:PORT NAME | status HOST:PORT FIELD' +
-      ' | insync HOST:PORT SECONDS | scatter HOST:PORT EXPORT COUNT REGION_SIZE' +
+      ' | insync HOST:PORT SECONDS | scatter HOST:PORT EXPORT COUNT REGION_SIZE | mirror QMP.sock' +
       ' | report SAMPLES.tsv OUT.json [RESYNC.kv RSYNC.txt]',
   );

@@ -22,6 +22,11 @@
 #   volrep-async-plain (f) the async pair of (c) with `--insecure-plaintext` on both sides (the pairs
 #                     above use TLS 1.3 with pinned certificates, the default): TLS costs c/f
 #   volrep-small      (rows that write only) see below
+#   qemu-mirror   (g) a peer that replicates: qemu-storage-daemon exporting its file over NBD with a
+#                     blockdev-mirror job in copy-mode write-blocking to a second `nbdkit file` (every
+#                     write completes once source and target wrote it; no fsync on the target, no dirty
+#                     log). Server CPU: qemu-storage-daemon + that nbdkit. Skipped with a note when
+#                     qemu-storage-daemon is missing (Debian: qemu-system-common).
 # Every file is warmed with one sequential write pass, then each row runs against the targets in
 # turn (order reversed on every repeat). After every run against a pair (and after its warm-up) the
 # bench waits until the pair is in sync (primary /status: peer connected, 0 dirty regions, 0 pending
@@ -242,12 +247,41 @@ wait_insync() { # name: until the pair is in sync; prints "<epoch ms when seen i
     die "$1: the pair did not get in sync within ${SYNC_TIMEOUT}s"
 }
 
+# A peer that replicates: QEMU's synchronous mirror (the recipe in ../shared/PERF-NOTES.md).
+QEMU=0
+QEMU_NOTE=
+if command -v qemu-storage-daemon >/dev/null; then
+  QEMU=1
+  truncate -s "$SIZE" "$WORK/qemu-src.img" "$WORK/qemu-tgt.img"
+  NBD_PORT[qemu-mirror-target]=$(node "$HELPER" port)
+  nbdkit -f --exit-with-parent -i 127.0.0.1 -p "${NBD_PORT[qemu-mirror-target]}" -P "$WORK/qemu-tgt.pid" \
+    file "$WORK/qemu-tgt.img" >"$WORK/qemu-mirror-target.log" 2>&1 &
+  PIDS[qemu-mirror-target]=$!
+  wait_ready qemu-mirror-target "${PIDS[qemu-mirror-target]}" test -s "$WORK/qemu-tgt.pid"
+  NBD_PORT[qemu-mirror]=$(node "$HELPER" port)
+  qemu-storage-daemon \
+    --blockdev "driver=file,node-name=f0,filename=$WORK/qemu-src.img,cache.direct=off" \
+    --blockdev driver=raw,node-name=src,file=f0 \
+    --blockdev "driver=nbd,node-name=tgt,server.type=inet,server.host=127.0.0.1,server.port=${NBD_PORT[qemu-mirror-target]}" \
+    --nbd-server "addr.type=inet,addr.host=127.0.0.1,addr.port=${NBD_PORT[qemu-mirror]}" \
+    --export type=nbd,id=e0,node-name=src,name=src,writable=on \
+    --chardev "socket,path=$WORK/qmp.sock,server=on,wait=off,id=q0" --monitor chardev=q0 \
+    >"$WORK/qemu-mirror.log" 2>&1 &
+  PIDS[qemu-mirror]=$!
+  PEER_OF[qemu-mirror]=qemu-mirror-target
+  wait_ready qemu-mirror "${PIDS[qemu-mirror]}" test -S "$WORK/qmp.sock"
+  node "$HELPER" mirror "$WORK/qmp.sock" || die "the QEMU mirror job did not start"
+else
+  QEMU_NOTE="QEMU mirror rows skipped: qemu-storage-daemon not found (Debian: qemu-system-common)"
+fi
+
 volrep_create volrep
 start_primary volrep
 start_pair volrep-async async
 start_pair volrep-sync sync
 start_pair volrep-async-plain async plain
 TARGETS=(nbdkit volrep volrep-async volrep-sync volrep-async-plain)
+((QEMU)) && TARGETS+=(qemu-mirror)
 if ((SMALL)); then
   volrep_create volrep-small --region-size "$SMALL_REGION"
   start_primary volrep-small --activity-window "$SMALL_WINDOW"
@@ -258,16 +292,20 @@ for name in volrep-async volrep-sync volrep-async-plain; do wait_insync "$name" 
 uri_of() { # target
   case $1 in
   nbdkit) echo "nbd://127.0.0.1:${NBD_PORT[nbdkit]}/" ;;
+  qemu-mirror) echo "nbd://127.0.0.1:${NBD_PORT[qemu-mirror]}/src" ;;
   *) echo "nbd://127.0.0.1:${NBD_PORT[$1]}/volrep" ;;
   esac
 }
-pids_of() { # target: its pid and its secondary's
+is_pair() { # target: a volrep pair (whose backlog the bench drains between runs)
+  [[ -n ${PEER_OF[$1]:-} && $1 != qemu-mirror ]]
+}
+pids_of() { # target: its pid and its secondary's (for the QEMU mirror: its target's)
   local sec=${PEER_OF[$1]:-}
   echo "${PIDS[$1]}" ${sec:+"${PIDS[$sec]}"}
 }
 
 log_counters() { # target: "writes log_syncs log_records bitmap_persists volume_syncs" since start
-  if [[ $1 == nbdkit ]]; then
+  if [[ $1 == nbdkit || $1 == qemu-mirror ]]; then
     echo '- - - - -'
     return
   fi
@@ -297,6 +335,12 @@ say "  (d) volrep-sync  primary --peer --mode sync (--assume-clean) on 127.0.0.1
   "-> secondary :${LISTEN_PORT[volrep-sync-secondary]}"
 say "  (f) volrep-async-plain: (c) with --insecure-plaintext on 127.0.0.1:${NBD_PORT[volrep-async-plain]}" \
   "-> secondary :${LISTEN_PORT[volrep-async-plain-secondary]} (c, d: mutual TLS 1.3, pinned fingerprints)"
+if ((QEMU)); then
+  say "  (g) qemu-mirror  qemu-storage-daemon on 127.0.0.1:${NBD_PORT[qemu-mirror]}, blockdev-mirror write-blocking" \
+    "-> nbdkit file :${NBD_PORT[qemu-mirror-target]} ($(qemu-storage-daemon --version | head -n 1))"
+else
+  say "  note: $QEMU_NOTE"
+fi
 if ((SMALL)); then
   say "  (e) volrep-small primary --activity-window $SMALL_WINDOW, volume --region-size $SMALL_REGION," \
     "on 127.0.0.1:${NBD_PORT[volrep-small]}, rows that write only"
@@ -310,7 +354,7 @@ for target in "${TARGETS[@]}"; do
   run_fio "$target" "$WORK/warm-$target.json" --rw=write --bs=1M --iodepth=8
   read -r _ bw _ < <(node "$HELPER" parse "$WORK/warm-$target.json") || die "bad fio output (warm-up $target)"
   text=
-  if [[ -n ${PEER_OF[$target]:-} ]]; then
+  if is_pair "$target"; then
     read -r t1 _ < <(wait_insync "$target")
     text="; in sync $((t1 - t0)) ms after the start of the pass"
   fi
@@ -359,7 +403,7 @@ for ((rep = 1; rep <= REPEATS; rep++)); do
       m1=$(log_counters "$target") || die "cannot read /metrics of $target"
       # Drain a pair's backlog before the next run (not part of the measured run).
       wait=-
-      if [[ -n ${PEER_OF[$target]:-} ]]; then read -r _ wait < <(wait_insync "$target"); fi
+      if is_pair "$target"; then read -r _ wait < <(wait_insync "$target"); fi
       # Server CPU over the measured run, 100 = one core (primary + secondary for a pair).
       cpu=$(((c1 - c0) * 100 * 1000000000 / CLK_TCK / (t1 - t0)))
       read -r iops bw lat ios < <(node "$HELPER" parse "$out") || die "bad fio output ($row $target)"

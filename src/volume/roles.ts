@@ -9,7 +9,7 @@
  */
 import path from 'node:path';
 import { VolrepError } from '../errors.js';
-import type { NodeBlockFile } from '../io/block-file.js';
+import type { BlockFile } from '../io/block-file.js';
 import { SlotFile } from '../io/slot-file.js';
 import type { ReplicaState } from '../replication/applier.js';
 import { forcedPromotion, type Generations, giveUpGeneration } from '../replication/generations.js';
@@ -156,7 +156,7 @@ export async function becomeSecondary(
 
 /** --discard-local-changes on a secondary (stopped, locked by the caller): give up the history begun apart. */
 export async function discardLocalChanges(
-  stateFile: NodeBlockFile,
+  stateFile: BlockFile,
   volumeId: string,
 ): Promise<RoleChange['before'][]> {
   const { slots, value } = await SlotFile.open(stateFile, REPLICA_STATE_FILE, (v) =>

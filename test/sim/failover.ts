@@ -23,7 +23,7 @@ import { SLOT_FILE_BYTES, SlotFile } from '../../src/io/slot-file.js';
 import { BitmapFile } from '../../src/log/bitmap-file.js';
 import { LogFile } from '../../src/log/log-file.js';
 import type { ReplicaState } from '../../src/replication/applier.js';
-import { giveUpGeneration, type HandshakeOutcome } from '../../src/replication/generations.js';
+import type { HandshakeOutcome } from '../../src/replication/generations.js';
 import type { PairState } from '../../src/replication/primary-session.js';
 import {
   type NodeLogger,
@@ -36,7 +36,7 @@ import {
   SecondaryNode,
   validateReplicaState,
 } from '../../src/shell/secondary-node.js';
-import { promotedPairState, secondaryState } from '../../src/volume/roles.js';
+import { discardLocalChanges, promotedPairState, secondaryState } from '../../src/volume/roles.js';
 import { Prng } from './prng.js';
 import { SimDisk } from './sim-disk.js';
 import { IoQueue, type NodeName, SimDevice, SimFile, SimNetwork, SimTime } from './sim-io.js';
@@ -305,11 +305,7 @@ export class FailoverSim {
       );
       if (p.chance(0.3) && state.generations.base !== null) {
         // --discard-local-changes, at its next start as a secondary
-        await SlotFile.format(site.state, {
-          ...state,
-          consistent: false,
-          generations: giveUpGeneration(state.generations),
-        });
+        await discardLocalChanges(site.state, SIM_VOLUME_ID);
         this.giveUp(site);
         this.trace(`${site.name}: --discard-local-changes`);
         return;
@@ -563,11 +559,7 @@ export class FailoverSim {
       validateReplicaState(v, SIM_VOLUME_ID),
     );
     if (decision === 'splitBrain' && state.generations.base !== null) {
-      await SlotFile.format(sec.state, {
-        ...state,
-        consistent: false,
-        generations: giveUpGeneration(state.generations),
-      });
+      await discardLocalChanges(sec.state, SIM_VOLUME_ID);
       this.giveUp(sec);
     } else if (decision === 'peerNewer') {
       // Reverse the roles: the newer side becomes the primary, the other is demoted.
