@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { runFailoverSeeds } from './failover.js';
 
-const SEEDS = Number(process.env.VOLREP_FAILOVER_SEEDS ?? 1000);
+const SEEDS = Number(process.env.VOLREP_FAILOVER_SEEDS ?? 1500);
 
 test(`failover simulator: ${SEEDS} seeds, every handshake judged, every run converges`, {
   timeout: 600_000,

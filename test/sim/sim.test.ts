@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { formatFailure, formatTotals, runSeeds } from './run.js';
 
-const SEEDS = Number(process.env.VOLREP_SIM_SEEDS ?? 1600);
+const SEEDS = Number(process.env.VOLREP_SIM_SEEDS ?? 2500);
 
 describe('simulation of the pair under power loss, process kills and link faults', () => {
   it(`holds every invariant at every step and converges (${SEEDS} seeds)`, {
