@@ -29,6 +29,7 @@ import { type GenerationStatus, generationStatus } from './handshake-status.js';
 import { startHttp } from './http.js';
 import { type LinkSecurityOptions, resolveLinkSecurity } from './link-security.js';
 import { listenError } from './listen-error.js';
+import { repeatLimitedWarn } from './logger.js';
 import { Metrics } from './metrics.js';
 
 export interface PrimaryOptions {
@@ -117,13 +118,12 @@ async function openServed(opts: PrimaryOptions, authFailures: { count: number })
       '--peer',
       opts.logger,
     );
+    // Redialed up to twice a second: the same refusal is logged once per interval.
+    const warnRefused = repeatLimitedWarn(opts.logger, 'replication connection refused');
     dialer = security
       ? tlsDialer(peer.host, peer.port, security, (f) => {
           authFailures.count += 1;
-          opts.logger.warn(
-            { peer: f.remote, fingerprint: f.fingerprint, reason: f.reason },
-            'replication connection refused',
-          );
+          warnRefused({ peer: f.remote, fingerprint: f.fingerprint, reason: f.reason });
         })
       : tcpDialer(peer.host, peer.port);
   }
@@ -294,14 +294,12 @@ export async function startPrimary(opts: PrimaryOptions): Promise<RunningPrimary
       },
     );
     const answer = responder;
+    const warnResponderRefused = repeatLimitedWarn(opts.logger, 'replication connection refused');
     responderServer = replicationListener({
       security: served.security,
       onRefused: (f) => {
         authFailures.count += 1;
-        opts.logger.warn(
-          { peer: f.remote, fingerprint: f.fingerprint, reason: f.reason },
-          'replication connection refused',
-        );
+        warnResponderRefused({ peer: f.remote, fingerprint: f.fingerprint, reason: f.reason });
       },
       onConnection: (connection) => answer.accept(connection),
     });

@@ -29,6 +29,7 @@ import { type GenerationStatus, generationStatus } from './handshake-status.js';
 import { startHttp } from './http.js';
 import { type LinkSecurityOptions, resolveLinkSecurity } from './link-security.js';
 import { listenError } from './listen-error.js';
+import { repeatLimitedWarn } from './logger.js';
 import { Metrics } from './metrics.js';
 import { registerRoleMetric } from './primary.js';
 
@@ -173,15 +174,13 @@ export async function startSecondary(opts: SecondaryOptions): Promise<RunningSec
     help: 'Replication connections refused: unknown, wrong or expired certificate, no TLS, a handshake that failed or took too long',
     registers: [metrics.registry],
   });
-
+  // A primary whose certificate is refused redials up to four times a second.
+  const warnRefused = repeatLimitedWarn(opts.logger, 'replication connection refused');
   const server: net.Server = replicationListener({
     security,
     onRefused: (f) => {
       authFailures.inc();
-      opts.logger.warn(
-        { peer: f.remote, fingerprint: f.fingerprint, reason: f.reason },
-        'replication connection refused',
-      );
+      warnRefused({ peer: f.remote, fingerprint: f.fingerprint, reason: f.reason });
     },
     onConnection: (connection) => node.accept(connection),
   });

@@ -33,7 +33,14 @@ import {
 } from './messages.js';
 
 export const RECONNECT_DELAY_MS_MIN = 100;
-export const RECONNECT_DELAY_MS_MAX = 5_000;
+/**
+ * A secondary that is not there (restarting, rebooting, the link cut) is dialed again at least
+ * this often, so one that comes back is streaming within about this time; a failed dial costs a
+ * connect attempt.
+ */
+export const RECONNECT_DELAY_MS_MAX = 250;
+/** After a refusal (the secondary answered and said no) the delay grows to this instead. */
+export const REFUSED_RETRY_DELAY_MS_MAX = 5_000;
 /** While connected, a keep-alive goes out this often (the secondary answers each). */
 export const KEEP_ALIVE_INTERVAL_MS = 1_000;
 /** Default for how long the secondary may be silent before the link counts as dead. */
@@ -150,6 +157,8 @@ export class PrimarySession {
   private queue = new ChunkQueue();
   private decoder = new FrameDecoder();
   private delayMs = RECONNECT_DELAY_MS_MIN;
+  /** The last attempt ended in the secondary's refusal: back off further (it needs an operator). */
+  private refused = false;
   private retryAtMs = Number.POSITIVE_INFINITY;
   private connectDeadlineMs = Number.POSITIVE_INFINITY;
   private keepAliveAtMs = Number.POSITIVE_INFINITY;
@@ -271,8 +280,11 @@ export class PrimarySession {
     } else {
       this.log('debug', 'could not connect to the secondary', { reason });
     }
-    this.retryAtMs = now + this.delayMs;
-    this.delayMs = Math.min(this.delayMs * 2, RECONNECT_DELAY_MS_MAX);
+    const cap = this.refused ? REFUSED_RETRY_DELAY_MS_MAX : RECONNECT_DELAY_MS_MAX;
+    const delay = Math.min(this.delayMs, cap);
+    this.retryAtMs = now + delay;
+    this.delayMs = Math.min(delay * 2, cap);
+    this.refused = false;
   }
 
   handleTimeout(now: number): void {
@@ -360,6 +372,7 @@ export class PrimarySession {
     const decision = refusal.decision ?? (refusal.role === 'primary' ? 'peerIsPrimary' : undefined);
     if (decision !== undefined)
       this.emit({ type: 'handshake', decision, peer: refusal.generations ?? null, reason: refusal.reason });
+    this.refused = true;
     this.move('refused');
     this.emit({ type: 'close', reason: `refused by the secondary: ${refusal.reason}` });
   }
