@@ -3,7 +3,9 @@
 # kind of file; then the resync of a replica that missed 1 % of the regions vs rsync of the files.
 #
 # Usage:  npm run bench                      (builds, then runs this script)
-#         bash bench/nbd.sh                  (needs a build in dist/)
+#         npm run bench -- --quick           the same table in about two minutes: 2 s runs, one
+#                                            repeat, no small-window rows (noisier; for a quick look)
+#         bash bench/nbd.sh [--quick]        (needs a build in dist/)
 # Environment:
 #   BENCH_RUNTIME=4   seconds measured per fio run (after a 1 s ramp)
 #   BENCH_REPEATS=3   runs per row and target; the table shows medians
@@ -60,6 +62,20 @@
 # died, fio failed or did no I/O, a pair did not get in sync, a copy differs). Ratios are
 # reported, never asserted.
 set -euo pipefail
+
+QUICK=0
+for arg in "$@"; do
+  case $arg in
+  --quick) QUICK=1 ;;
+  *)
+    printf 'bench: unknown argument %s (usage: bash bench/nbd.sh [--quick])\n' "$arg" >&2
+    exit 1
+    ;;
+  esac
+done
+if ((QUICK)); then
+  : "${BENCH_RUNTIME:=2}" "${BENCH_REPEATS:=1}" "${BENCH_SMALL_WINDOW:=off}"
+fi
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 HELPER="$ROOT/bench/fio.mjs"

@@ -2,12 +2,15 @@
  * The secondary's ordered applier (DESIGN.md I5, H5, H13, H14).
  *
  * Updates are applied to the replica strictly in id order. Many updates share one sync: whenever
- * the applier has caught up with what arrived, it syncs the replica, then durably records the
- * highest id now on disk, and only then acks that id — so an ack always means durable (H5) and
- * the recorded id never runs ahead of the data (H14). A barrier (the primary's FLUSH) is a sync
- * point: nothing after it is written before everything before it is durable (H13). During a
- * resync the replica is durably marked inconsistent before the first resync byte lands, and
- * consistent again only after the last one is durable.
+ * the applier has caught up with what arrived, it syncs the replica and acks the highest id now
+ * on disk — so an ack always means durable (H5). The record of that id (the replica-state file)
+ * follows in the background, one write at a time, always for an id whose data was synced first:
+ * it may lag the data, never run ahead of it (H14), and a lagging record only makes the primary
+ * resend what the replica already holds. So a batch costs one fdatasync on the critical path,
+ * not two. A change of consistency or generation is recorded before it is acked. A barrier (the
+ * primary's FLUSH) is a sync point: nothing after it is written before everything before it is
+ * durable (H13). During a resync the replica is durably marked inconsistent before the first
+ * resync byte lands, and consistent again only after the last one is durable.
  */
 import type { BlockDevice } from '../io/block-device.js';
 import { endResync, type Generations } from './generations.js';
@@ -33,7 +36,13 @@ export type ApplierOp =
   | { kind: 'resyncEnd' };
 
 export class Applier {
+  /** What is durable on the replica (data synced; consistency and generation recorded): what is acked. */
   private durable: ReplicaState;
+  /** What the replica-state file holds durably (its applied id may lag `durable`'s). */
+  private recordedState: ReplicaState;
+  /** Record writes, one at a time and in order; the newest state still to record, if any. */
+  private recordWrite: Promise<void> = Promise.resolve();
+  private recordPending: ReplicaState | undefined;
   private consistentWanted: boolean;
   private generationsWanted: Generations;
   /** Highest id written to the replica (durable or not) and highest id accepted into the queue. */
@@ -60,6 +69,7 @@ export class Applier {
     initial: ReplicaState,
   ) {
     this.durable = { ...initial };
+    this.recordedState = { ...initial };
     this.consistentWanted = initial.consistent;
     this.generationsWanted = initial.generations;
     this.appliedId = initial.lastAppliedUpdate;
@@ -70,12 +80,22 @@ export class Applier {
     return { ...this.durable };
   }
 
-  /** Whether everything wanted (ids, consistency, generation) is in the durable record. */
-  private recorded(): boolean {
+  /** Whether everything wanted (ids, consistency, generation) is durable and acked. */
+  private synced(): boolean {
     return (
       this.appliedId === this.durable.lastAppliedUpdate &&
       this.consistentWanted === this.durable.consistent &&
       this.generationsWanted === this.durable.generations
+    );
+  }
+
+  /** Whether the replica-state file has caught up with what is durable. */
+  private recorded(): boolean {
+    return (
+      this.recordPending === undefined &&
+      this.recordedState.lastAppliedUpdate === this.durable.lastAppliedUpdate &&
+      this.recordedState.consistent === this.durable.consistent &&
+      this.recordedState.generations === this.durable.generations
     );
   }
 
@@ -135,7 +155,11 @@ export class Applier {
   private isIdle(): boolean {
     return (
       this.failure !== undefined ||
-      (this.queue.length === 0 && !this.blocked && this.syncRunning === undefined && this.recorded())
+      (this.queue.length === 0 &&
+        !this.blocked &&
+        this.syncRunning === undefined &&
+        this.synced() &&
+        this.recorded())
     );
   }
 
@@ -189,7 +213,7 @@ export class Applier {
       this.syncWanted = true;
       return;
     }
-    if (this.recorded()) return;
+    if (this.synced()) return;
     this.syncRunning = this.syncOnce().finally(() => {
       this.syncRunning = undefined;
       if (this.syncWanted) {
@@ -207,7 +231,7 @@ export class Applier {
         await this.syncRunning;
         continue;
       }
-      if (this.recorded()) return;
+      if (this.synced()) return;
       this.requestSync();
     }
   }
@@ -218,16 +242,21 @@ export class Applier {
       consistent: this.consistentWanted,
       generations: this.generationsWanted,
     };
+    // Only the applied id moved: the record may follow after the ack.
+    const progressOnly =
+      target.consistent === this.durable.consistent && target.generations === this.durable.generations;
     try {
       // Data first, then the record that says it is there (H14).
       await new Promise<void>((resolve, reject) =>
         this.device.flush((err) => (err ? reject(err) : resolve())),
       );
-      await this.store.write(target);
+      const record = this.record(target);
+      if (!progressOnly) await record;
     } catch (err) {
       this.fail(err as Error);
       return;
     }
+    if (this.failure) return;
     // The ack carries the consistency mark too: the primary learns a resync's end from the
     // state that made it durable, never from an earlier batch (defect: it used to guess).
     const changed =
@@ -236,6 +265,25 @@ export class Applier {
       target.generations !== this.durable.generations;
     this.durable = target;
     if (changed) this.onDurable({ ...target });
+  }
+
+  /**
+   * Records `state` (whose data is durable) after the record writes before it; writes that queue
+   * up behind a running one collapse into one, for the newest state.
+   */
+  private record(state: ReplicaState): Promise<void> {
+    const queued = this.recordPending !== undefined;
+    this.recordPending = state;
+    if (queued) return this.recordWrite;
+    const write = this.recordWrite.then(async () => {
+      const next = this.recordPending!;
+      this.recordPending = undefined;
+      await this.store.write(next);
+      this.recordedState = next;
+      this.notifyIfIdle();
+    });
+    this.recordWrite = write.catch((err: Error) => this.fail(err));
+    return write;
   }
 
   private fail(err: Error): void {

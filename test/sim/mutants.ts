@@ -76,16 +76,26 @@ export const MUTANTS: Mutant[] = [
     find: `      await new Promise<void>((resolve, reject) =>
         this.device.flush((err) => (err ? reject(err) : resolve())),
       );
-      await this.store.write(target);`,
-    replace: '      await this.store.write(target);',
+      const record = this.record(target);`,
+    replace: '      const record = this.record(target);',
+  },
+  {
+    name: 'ack-before-replica-sync',
+    what: 'the secondary acks a batch before its data is synced (the record still waits for it)',
+    file: 'src/replication/applier.ts',
+    find: `    try {
+      // Data first, then the record that says it is there (H14).`,
+    replace: `    if (target.lastAppliedUpdate > this.durable.lastAppliedUpdate) this.onDurable({ ...target });
+    try {
+      // Data first, then the record that says it is there (H14).`,
   },
   {
     name: 'barrier-no-sync-point',
     what: 'a barrier is not a sync point on the secondary',
     file: 'src/replication/applier.ts',
-    find: "      if (op.kind === 'resyncEnd') this.consistentWanted = true;",
+    find: "      if (op.kind === 'resyncBegin') this.consistentWanted = false;",
     replace:
-      "      if (op.kind === 'resyncEnd') this.consistentWanted = true;\n      if (op.kind === 'barrier') continue;",
+      "      if (op.kind === 'resyncBegin') this.consistentWanted = false;\n      if (op.kind === 'barrier') continue;",
   },
   {
     name: 'sync-gate-off',

@@ -71,7 +71,7 @@ describe('scripted runs of the simulated pair', () => {
     const w = calmWorld(4);
     await w.begin();
     await inSync(w, 'the pair in sync');
-    w.maxAckSeen = 1e9; // as if the primary had heard an ack the replica never made durable
+    w.ackNotDurable = 'as if the secondary had acked an update the replica never made durable';
     await assert.rejects(
       w.runUntil(() => false, 'never', 5),
       (err: unknown) =>

@@ -206,7 +206,7 @@ export class World {
     this.checks = new Checks(this);
     this.net.trace = (line) => this.trace(`  net: ${line}`);
     this.net.onSend = (from, chunk) => {
-      if (from.node === 'primary') this.sniff(from, chunk);
+      this.sniff(from, chunk);
     };
     this.net.onDeliver = (to, chunk) => {
       if (to.node === 'primary') this.sniff(to, chunk);
@@ -552,7 +552,19 @@ export class World {
     return this.sentUpdates;
   }
 
-  /** Frames the primary sent (updates) and received (acks, welcomes), decoded as they pass. */
+  /** The first ack the secondary sent for an update whose data was not durable yet (checks.ts fails on it). */
+  ackNotDurable: string | undefined;
+
+  private checkAckDurable(ackId: number): void {
+    const missing = this.writtenIds.find((id) => id <= ackId && !this.durableIds.has(id));
+    if (missing !== undefined && this.ackNotDurable === undefined)
+      this.ackNotDurable = `the secondary acked update ${ackId} as durable, but update ${missing} is not durable on the replica`;
+  }
+
+  /**
+   * Frames the primary sent (updates) and received (acks, welcomes), and the acks the secondary
+   * sent, decoded as they pass.
+   */
   private sniff(end: SimEnd, chunk: Buffer): void {
     let s = this.sniffers.get(end);
     if (s === undefined) {
@@ -564,6 +576,11 @@ export class World {
       const r = s.decoder.next(s.queue);
       if (r === undefined || r.kind === 'error') return;
       const m = decodeMessage(r.frame);
+      if (end.node === 'secondary') {
+        // The moment the secondary says "durable": every update up to it must be (H5).
+        if (m.type === 'ack') this.checkAckDurable(m.ack.id);
+        continue;
+      }
       if (m.type === 'update')
         this.sentUpdates.push({ id: m.update.id, offset: m.update.offset, length: m.update.length });
       else if (m.type === 'ack') this.maxAckSeen = Math.max(this.maxAckSeen, m.ack.id);
