@@ -105,7 +105,11 @@ export interface EngineConfig {
    * write back off the volume while the replica keeps it, with nothing marking the region).
    */
   volumeWritesDurable?: boolean;
-  /** Sync mode: a transaction completes only when the secondary acked all its updates. */
+  /**
+   * Sync mode (while connected): a transaction completes once the secondary has written all its
+   * updates (`handleWritten`); with FUA, once it acked them durable; a FLUSH once the secondary
+   * acked durable every update before it.
+   */
   syncMode?: boolean;
 }
 
@@ -197,8 +201,10 @@ interface ClientTx {
   bytes: number;
   /** Volume writes not yet finished. */
   remaining: number;
-  /** Updates not yet acked or lost (sync mode waits for them). */
+  /** Updates not yet acked or lost (a FUA transaction in sync mode waits for them). */
   unsettled: number;
+  /** Updates not yet written on the replica, acked or lost (sync mode waits for them). */
+  unwritten: number;
   fua: boolean;
   /** With FUA: the volume sync id that makes its writes durable (0: none needed). */
   syncNeeded: number;
@@ -221,6 +227,8 @@ interface Op {
   state: OpState;
   bytes: number;
   sentAtMs: number;
+  /** Sync mode: counted as written on the replica (or acked, or lost) in its transaction. */
+  written: boolean;
 }
 
 /** A begin record in the log, as long as it is not free. */
@@ -296,6 +304,13 @@ export class Engine {
   private ackedId: number;
   private inflightBytes = 0;
   private readonly sentQueue = new Queue<Op>();
+  /** Sync mode: client updates sent and not yet reported written, in id order. */
+  private readonly unwrittenQueue = new Queue<Op>();
+  /**
+   * Sync mode: FLUSHes that wait for the replica to hold durably every update before them, by
+   * flush id (`volumeSynced`: the local part is done already).
+   */
+  private readonly replicaFlushes = new Map<number, { afterId: number; volumeSynced: boolean }>();
 
   // Client transactions.
   private nextTxId = 1;
@@ -457,8 +472,9 @@ export class Engine {
 
   /**
    * A client transaction of one or more writes. Returns its id; `complete` with that id follows
-   * once every write is on the volume (durably with `fua`; and acked in sync mode). It waits
-   * (backpressure) while the in-flight window or the log is full.
+   * once every write is on the volume (durably with `fua`; in sync mode also written on the
+   * replica, durably with `fua`). It waits (backpressure) while the in-flight window or the log
+   * is full.
    */
   submitTransaction(writes: WriteRequest[], now: number, options: TransactionOptions = {}): number {
     this.advanceTime(now);
@@ -471,6 +487,7 @@ export class Engine {
       bytes,
       remaining: writes.length,
       unsettled: writes.length,
+      unwritten: writes.length,
       fua: options.fua === true,
       syncNeeded: 0,
       completed: false,
@@ -561,6 +578,45 @@ export class Engine {
     this.pump();
   }
 
+  /** Sync mode: the secondary wrote (not yet synced) every update up to `updateId`. */
+  handleWritten(updateId: number, now: number): void {
+    this.advanceTime(now);
+    if (!this.connected) return; // a late message from a closed connection
+    if (!Number.isSafeInteger(updateId) || updateId > this.lastSentId) {
+      throw new VolrepError(
+        'VOLREP_ERR_PROTOCOL',
+        `written up to ${updateId}, but the last update sent is ${this.lastSentId}`,
+      );
+    }
+    while ((this.unwrittenQueue.peek()?.id ?? Number.POSITIVE_INFINITY) <= updateId)
+      this.markWritten(this.unwrittenQueue.shift()!);
+    this.pump();
+  }
+
+  /** Sync mode: one fewer update of its transaction to wait for on the replica. */
+  private markWritten(op: Op): void {
+    if (op.written || op.tx === null) return;
+    op.written = true;
+    op.tx.unwritten -= 1;
+    this.maybeComplete(op.tx);
+  }
+
+  /** A FLUSH's local part (the volume sync) is done; in sync mode it may wait for the replica too. */
+  private flushVolumeSynced(flushId: number): void {
+    const wait = this.replicaFlushes.get(flushId);
+    if (wait !== undefined) wait.volumeSynced = true;
+    else this.emit({ type: 'flushed', flushId });
+  }
+
+  /** Sync mode: FLUSHes whose updates are all durable on the replica (every one: the link is gone). */
+  private releaseReplicaFlushes(linkGone: boolean): void {
+    for (const [flushId, wait] of this.replicaFlushes) {
+      if (!linkGone && wait.afterId > this.ackedId) break; // in flush order, so in afterId order
+      this.replicaFlushes.delete(flushId);
+      if (wait.volumeSynced) this.emit({ type: 'flushed', flushId });
+    }
+  }
+
   /** The connection is gone: everything on the wire is lost (step 6). */
   handleDisconnected(now: number): void {
     this.advanceTime(now);
@@ -576,6 +632,9 @@ export class Engine {
     for (const b of barriers) this.barriers.push(b);
     for (let op = this.sentQueue.shift(); op !== undefined; op = this.sentQueue.shift())
       this.retire(op, true);
+    this.unwrittenQueue.clear();
+    // Sync mode degrades while the link is down: what the FLUSH covered is dirty, resynced later.
+    this.releaseReplicaFlushes(true);
     this.startCheckpoint();
     this.pump();
   }
@@ -668,7 +727,7 @@ export class Engine {
     for (let w = this.syncWaiters.peek(); w !== undefined && w.need <= syncId; w = this.syncWaiters.peek()) {
       this.syncWaiters.shift();
       if (w.tx !== null) this.maybeComplete(w.tx);
-      else this.emit({ type: 'flushed', flushId: w.flushId });
+      else this.flushVolumeSynced(w.flushId);
     }
     this.pump();
   }
@@ -682,8 +741,11 @@ export class Engine {
     this.advanceTime(now);
     const flushId = this.nextFlushId;
     this.nextFlushId += 1;
-    this.pushBarrier('flush', this.nextId - 1);
-    if (this.waitForVolumeSync(null, flushId) === 0) this.emit({ type: 'flushed', flushId });
+    const afterId = this.nextId - 1;
+    this.pushBarrier('flush', afterId);
+    if (this.syncMode && this.connected && afterId > this.ackedId)
+      this.replicaFlushes.set(flushId, { afterId, volumeSynced: false });
+    if (this.waitForVolumeSync(null, flushId) === 0) this.flushVolumeSynced(flushId);
     this.pump();
     return flushId;
   }
@@ -887,6 +949,7 @@ export class Engine {
         op.sentAtMs = this.nowMs;
         this.lastSentId = op.id;
         this.sentQueue.push(op);
+        if (this.syncMode && op.tx !== null) this.unwrittenQueue.push(op);
         this.emit({
           type: 'send',
           updateId: op.id,
@@ -936,7 +999,7 @@ export class Engine {
   private maybeComplete(tx: ClientTx): void {
     if (tx.completed || tx.remaining > 0) return;
     if (tx.fua && this.volumeSyncDone < tx.syncNeeded) return;
-    if (this.syncMode && tx.unsettled > 0) return;
+    if (this.syncMode && (tx.fua ? tx.unsettled : tx.unwritten) > 0) return;
     tx.completed = true;
     this.emit({ type: 'complete', txId: tx.id });
   }
@@ -986,6 +1049,8 @@ export class Engine {
     while ((this.sentQueue.peek()?.id ?? Number.POSITIVE_INFINITY) <= ackId) {
       this.retire(this.sentQueue.shift()!, false);
     }
+    while ((this.unwrittenQueue.peek()?.id ?? Number.POSITIVE_INFINITY) <= ackId) this.unwrittenQueue.shift();
+    this.releaseReplicaFlushes(false);
     this.ackTimeoutFired = false;
   }
 
@@ -997,6 +1062,11 @@ export class Engine {
   private retire(op: Op, lost: boolean): void {
     if (op.tx !== null) {
       op.tx.unsettled -= 1;
+      // Durable on the replica (or lost, never to be waited for) is written too.
+      if (!op.written) {
+        op.written = true;
+        op.tx.unwritten -= 1;
+      }
       this.maybeComplete(op.tx);
     }
     for (let r = op.first; r <= op.last; r++) {
@@ -1176,6 +1246,7 @@ export class Engine {
         state: 'order',
         bytes: length,
         sentAtMs: 0,
+        written: false,
       };
       this.nextId += 1;
       assert.ok(!this.regionOps.has(region), 'H8: no write in flight to a region being resynced');
@@ -1270,6 +1341,7 @@ export class Engine {
         state: 'log',
         bytes: updateBytes(w.kind, w.length),
         sentAtMs: 0,
+        written: false,
       };
       this.nextId += 1;
       this.ops.set(op.id, op);

@@ -8,7 +8,6 @@ import type net from 'node:net';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import { Counter, Gauge } from 'prom-client';
-import { VolrepError } from '../errors.js';
 import type { NodeBlockFile } from '../io/block-file.js';
 import { systemClock } from '../io/clock.js';
 import { type LinkSecurity, replicationListener } from '../io/tls.js';

@@ -62,6 +62,12 @@ export class Applier {
   onFailure: (err: Error) => void = () => {};
   /** Called when the queue has drained below what was queued (the shell resumes reading). */
   onProgress: () => void = () => {};
+  /**
+   * Called when the applier has caught up with what arrived, with the highest id written to the
+   * replica (not yet durable: the batch's sync starts now); sync mode completes writes on it.
+   */
+  onWritten: (id: number) => void = () => {};
+  private writtenReported: number;
 
   constructor(
     private readonly device: BlockDevice,
@@ -74,6 +80,7 @@ export class Applier {
     this.generationsWanted = initial.generations;
     this.appliedId = initial.lastAppliedUpdate;
     this.acceptedId = initial.lastAppliedUpdate;
+    this.writtenReported = initial.lastAppliedUpdate;
   }
 
   get state(): ReplicaState {
@@ -183,7 +190,13 @@ export class Applier {
         this.pump();
       });
     }
-    if (!this.blocked && this.queue.length === 0) this.requestSync();
+    if (!this.blocked && this.queue.length === 0) {
+      if (this.appliedId > this.writtenReported && this.failure === undefined) {
+        this.writtenReported = this.appliedId;
+        this.onWritten(this.appliedId);
+      }
+      this.requestSync();
+    }
     this.notifyIfIdle();
   }
 

@@ -13,8 +13,11 @@ import { WRITE_BYTES_MAX } from '../core/engine.js';
 import type { ChunkQueue } from '../io/chunk-queue.js';
 
 export const FRAME_MAGIC = 0x5652504c; // 'VRPL'
-/** 2: acks carry the replica's durable consistency mark. 3: data generations in the handshake. */
-export const PROTOCOL_VERSION = 3;
+/**
+ * 2: acks carry the replica's durable consistency mark. 3: data generations in the handshake.
+ * 4: `written` frames (sync mode: the replica wrote, not yet synced, every update up to an id).
+ */
+export const PROTOCOL_VERSION = 4;
 export const FRAME_HEADER_BYTES = 20;
 /** Bytes an update frame needs beyond its data (its header fields, with room to spare). */
 export const FRAME_UPDATE_OVERHEAD_BYTES = 64;
@@ -32,6 +35,7 @@ export const FrameType = {
   resyncBegin: 8,
   resyncEnd: 9,
   dirtyBitmap: 10,
+  written: 11,
 } as const;
 export type FrameTypeName = keyof typeof FrameType;
 const TYPE_NAMES = new Map<number, FrameTypeName>(

@@ -20,6 +20,8 @@ export interface Hello {
   role: 'primary';
   /** The sender's generations, as of this hello (DESIGN.md §7). */
   generations: Generations;
+  /** Sync mode: the primary wants `written` frames (its writes complete once the replica wrote them). */
+  syncMode?: boolean;
 }
 
 export interface Welcome {
@@ -72,6 +74,8 @@ export type Message =
   | { type: 'update'; update: UpdateHeader; data: Buffer[] }
   | { type: 'barrier'; id: number }
   | { type: 'ack'; ack: Ack }
+  /** Every update ≤ id is written to the replica (not necessarily durable yet). */
+  | { type: 'written'; id: number }
   | { type: 'keepAlive' }
   | { type: 'resyncBegin'; id: number }
   | { type: 'resyncEnd'; id: number };
@@ -138,7 +142,12 @@ export function decodeMessage(frame: RawFrame): Message | { type: 'invalid'; rea
       if (typeof common === 'string') return invalid(common);
       const generations = parseGenerations(v.generations);
       if (generations === undefined || generations.current === null) return invalid('bad generations');
-      return { type: 'hello', hello: { ...common, role: 'primary', generations } };
+      if (v.syncMode !== undefined && typeof v.syncMode !== 'boolean')
+        return invalid('syncMode is not a boolean');
+      return {
+        type: 'hello',
+        hello: { ...common, role: 'primary', generations, ...(v.syncMode === true && { syncMode: true }) },
+      };
     }
     case 'welcome': {
       const v = parseJson(frame);
@@ -221,6 +230,7 @@ export function decodeMessage(frame: RawFrame): Message | { type: 'invalid'; rea
       return { type: 'ack', ack: { id, consistent: (flags & ACK_FLAG_CONSISTENT) !== 0 } };
     }
     case 'barrier':
+    case 'written':
     case 'resyncBegin':
     case 'resyncEnd': {
       if (frame.payloadLength !== 8) return invalid('expected an 8-byte id');

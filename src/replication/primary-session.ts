@@ -105,6 +105,8 @@ export type PrimarySessionAction =
   /** The engine: the secondary is connected and holds everything ≤ lastApplied durably. */
   | { type: 'engineConnected'; lastApplied: number; replicaConsistent: boolean }
   | { type: 'engineAck'; id: number }
+  /** Sync mode: the secondary wrote (not yet synced) every update up to `id`. */
+  | { type: 'engineWritten'; id: number }
   | { type: 'engineDisconnected' }
   /**
    * The engine: mark regions dirty durably before anything is sent — all of them for a full
@@ -138,6 +140,8 @@ export interface PrimarySessionOptions {
   generations: () => Generations;
   /** No frame at all from the secondary for this long means the link is dead. */
   silenceMsMax?: number;
+  /** Sync mode: ask the secondary for `written` frames (engineWritten). */
+  syncMode?: boolean;
 }
 
 export interface PrimarySessionStatus {
@@ -248,7 +252,12 @@ export class PrimarySession {
     this.helloGenerations = this.opts.generations();
     this.peerDirty = undefined;
     this.send('hello', [
-      encodeJson({ ...this.opts.hello, role: 'primary', generations: this.helloGenerations }),
+      encodeJson({
+        ...this.opts.hello,
+        role: 'primary',
+        generations: this.helloGenerations,
+        ...(this.opts.syncMode === true && { syncMode: true }),
+      }),
     ]);
   }
 
@@ -357,6 +366,11 @@ export class PrimarySession {
     switch (message.type) {
       case 'ack':
         return this.handleAck(message.ack);
+      case 'written':
+        if (this.opts.syncMode !== true)
+          return this.fail('written frame, but this primary is not in sync mode');
+        if (this.engineConnected) this.emit({ type: 'engineWritten', id: message.id });
+        return;
       case 'keepAlive':
         return;
       default:

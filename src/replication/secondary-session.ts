@@ -29,6 +29,7 @@ import {
   decodeMessage,
   encodeAck,
   encodeDirtyBitmap,
+  encodeId,
   encodeJson,
   type Hello,
   type Message,
@@ -104,6 +105,7 @@ export class SecondarySession {
   private lastHeardMs: number;
   private lastAckSent: ReplicaState | undefined;
   private hello: Hello | undefined;
+  private lastWrittenSent = 0;
 
   constructor(
     private readonly replica: ReplicaIdentity,
@@ -201,6 +203,14 @@ export class SecondarySession {
       return;
     this.lastAckSent = { ...state };
     this.send('ack', [encodeAck({ id: state.lastAppliedUpdate, consistent: state.consistent })]);
+  }
+
+  /** The applier wrote every update ≤ id to the replica: a sync-mode primary completes writes on it. */
+  handleWritten(id: number): void {
+    if (this.linkState !== 'streaming' || this.hello?.syncMode !== true) return;
+    if (id <= this.lastWrittenSent) return;
+    this.lastWrittenSent = id;
+    this.send('written', [encodeId(id)]);
   }
 
   /** This side drops the connection (the applier refused an op, or the replica failed). */

@@ -177,6 +177,7 @@ export class PrimaryNode {
         replicaEverSynced: pair.replicaEverSynced,
         generations: () => this.pair.generations,
         silenceMsMax: engine.config.ackTimeoutMs,
+        syncMode: engine.config.syncMode === true,
       });
     }
   }
@@ -213,8 +214,8 @@ export class PrimaryNode {
   }
 
   /**
-   * One transaction: `done` once every write is on the volume (durable with `fua`, and acked
-   * by the secondary in sync mode while connected). Throws VOLREP_ERR_REQUEST for a write the
+   * One transaction: `done` once every write is on the volume (durable with `fua`; in sync mode
+   * while connected, also written by the secondary, and durable there with `fua`). Throws VOLREP_ERR_REQUEST for a write the
    * engine cannot take (out of range, too large), before anything happens.
    */
   submit(writes: readonly NodeWrite[], options: TransactionOptions, done: Done): void {
@@ -510,6 +511,14 @@ export class PrimaryNode {
         } catch (err) {
           if (!(err instanceof VolrepError) || err.code !== 'VOLREP_ERR_PROTOCOL') throw err;
           session.drop(`bad ack: ${err.message}`);
+        }
+        return;
+      case 'engineWritten':
+        try {
+          this.engine.handleWritten(a.id, now);
+        } catch (err) {
+          if (!(err instanceof VolrepError) || err.code !== 'VOLREP_ERR_PROTOCOL') throw err;
+          session.drop(`bad written frame: ${err.message}`);
         }
         return;
       case 'engineDisconnected':

@@ -108,6 +108,10 @@ export class SecondaryNode {
       this.run(peer, () => peer.session.handleDurable(state));
     };
     applier.onFailure = (err) => this.fail(err, 'io');
+    applier.onWritten = (id) => {
+      const peer = this.current;
+      if (peer !== undefined) this.run(peer, () => peer.session.handleWritten(id));
+    };
     applier.onProgress = () => {
       const peer = this.current;
       if (peer?.paused && applier.queuedBytes <= APPLY_BACKLOG_BYTES_MAX / 2) {

@@ -1,6 +1,7 @@
 /**
- * --mode sync: a write is acknowledged to the NBD client only once the secondary has acked it as
- * durable. Real `volrep primary` and `volrep secondary` processes, volrep's own NBD client.
+ * --mode sync: a write is acknowledged to the NBD client only once the secondary has written it
+ * (and made it durable, for FUA and FLUSH: the simulator checks that part). Real `volrep primary`
+ * and `volrep secondary` processes, volrep's own NBD client.
  *
  * The gate: with the secondary frozen (SIGSTOP) and an --ack-timeout long enough that the link is
  * not dropped, writes must stay unacknowledged (they are on the primary's volume, pending on the

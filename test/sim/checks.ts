@@ -189,21 +189,29 @@ export class Checks {
     }
   }
 
-  /** Sync mode: what the client saw complete is in the replica's durable image. */
+  /**
+   * Sync mode (README): what the client saw complete is written on the replica, and what a FUA
+   * write or a FLUSH covered is in the replica's durable image.
+   */
   syncMode(where: string): void {
     const w = this.w;
     if (!w.syncMode) return;
-    const key = `${w.replica.durableVersion}:${w.workload.requirementsVersion}`;
+    const key = `${w.replica.version}:${w.replica.durableVersion}:${w.workload.requirementsVersion}`;
     if (key === this.syncKey) return;
     this.syncKey = key;
     const wl = w.workload;
     for (let s = 0; s < wl.sectors; s++) {
-      const req = wl.replicaDurable[s];
-      if (req === undefined) continue;
-      const why = wl.violates(s, decodeAt(w.replica, s, true), req);
-      if (why !== undefined)
+      const durable = wl.replicaDurable[s];
+      const notDurable = durable && wl.violates(s, decodeAt(w.replica, s, true), durable);
+      if (notDurable)
         this.fail(
-          `sync mode (${where}): a write the client saw complete is not durable on the replica: ${why}`,
+          `sync mode (${where}): a FUA write or a FLUSH the client saw complete is not durable on the replica: ${notDurable}`,
+        );
+      const written = wl.replicaWritten[s];
+      const notWritten = written && wl.violates(s, decodeAt(w.replica, s, false), written);
+      if (notWritten)
+        this.fail(
+          `sync mode (${where}): a write the client saw complete is not on the replica: ${notWritten}`,
         );
     }
   }

@@ -99,10 +99,24 @@ export const MUTANTS: Mutant[] = [
   },
   {
     name: 'sync-gate-off',
-    what: 'sync mode completes a write before the secondary acked it',
+    what: 'sync mode completes a write before the secondary wrote it',
     file: 'src/core/engine.ts',
-    find: '    if (this.syncMode && tx.unsettled > 0) return;',
+    find: '    if (this.syncMode && (tx.fua ? tx.unsettled : tx.unwritten) > 0) return;',
     replace: '',
+  },
+  {
+    name: 'sync-flush-local-only',
+    what: 'sync mode completes a FLUSH without waiting for the replica to make its writes durable',
+    file: 'src/core/engine.ts',
+    find: '    if (this.syncMode && this.connected && afterId > this.ackedId)',
+    replace: '    if (this.syncMode && this.connected && afterId > this.ackedId && false)',
+  },
+  {
+    name: 'written-before-write',
+    what: 'the secondary reports an update written as soon as it arrives',
+    file: 'src/replication/applier.ts',
+    find: '      this.acceptedId = id;',
+    replace: '      this.acceptedId = id;\n      this.onWritten(id);',
   },
   {
     name: 'reset-on-first-ack',

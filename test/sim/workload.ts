@@ -26,6 +26,8 @@ export interface ClientWrite {
   completeStep: number;
   /** The link's connection count and state when issued (sync mode's check needs both ends in one connection). */
   epochAtIssue: number;
+  /** Sync mode: the connection it was issued and completed in (-1: it spanned a link drop, degraded). */
+  epochSynced: number;
 }
 
 export interface Barrier {
@@ -80,8 +82,13 @@ export class Workload {
   readonly lastZeroSeq: Int32Array;
   /** What a FLUSH or FUA made durable on the primary's volume. */
   readonly primaryDurable: Array<Requirement | undefined>;
-  /** Sync mode: what a completion promised is on the replica's durable image. */
+  /** Sync mode: what a FUA completion or a FLUSH promised is on the replica's durable image. */
   replicaDurable: Array<Requirement | undefined>;
+  /**
+   * Sync mode: what a completion without FUA promised is written on the replica (in its page
+   * cache, not necessarily durable: void after the secondary loses power).
+   */
+  replicaWritten: Array<Requirement | undefined>;
   /** Bumped whenever a requirement changes (lets checks skip work). */
   requirementsVersion = 0;
   outstanding = 0;
@@ -105,6 +112,13 @@ export class Workload {
     this.lastZeroSeq = new Int32Array(this.sectors);
     this.primaryDurable = new Array(this.sectors).fill(undefined);
     this.replicaDurable = new Array(this.sectors).fill(undefined);
+    this.replicaWritten = new Array(this.sectors).fill(undefined);
+  }
+
+  /** The secondary lost power: what was only written there (not synced) may be gone. */
+  secondaryPowerLost(): void {
+    this.replicaWritten = new Array(this.sectors).fill(undefined);
+    this.requirementsVersion += 1;
   }
 
   /** The primary is gone: what it had in flight will never complete. */
@@ -121,6 +135,7 @@ export class Workload {
   powerLost(step: number): void {
     this.powerLossSteps.push(step);
     this.replicaDurable = new Array(this.sectors).fill(undefined);
+    this.replicaWritten = new Array(this.sectors).fill(undefined);
     this.requirementsVersion += 1;
   }
 
@@ -153,13 +168,14 @@ export class Workload {
       this.outstanding += 1;
       this.submitted += 1;
       const issueStep = step();
+      const epochAtIssue = epoch();
       this.trace(`client FLUSH`);
       node.flush((err) => {
         if (!alive()) return;
         this.outstanding -= 1;
         this.completedCount += 1;
         if (err) this.error ??= err;
-        else this.completeFlush(issueStep, step());
+        else this.completeFlush(issueStep, step(), epochAtIssue === epoch() ? epochAtIssue : -1);
       });
       return;
     }
@@ -201,6 +217,7 @@ export class Workload {
         issueStep: step(),
         completeStep: -1,
         epochAtIssue: epoch(),
+        epochSynced: -1,
       };
       writes.push(w);
       this.writes.set(w.seq, w);
@@ -234,9 +251,13 @@ export class Workload {
       for (let s = first; s < first + w.length / SECTOR_BYTES; s++) {
         this.completed[s].push(w);
         if (w.fua) raise(this.primaryDurable, s, req);
-        // Sync mode: acked means on the replica durably — for a write that stayed within one
-        // connection (one that spans a link drop completes locally, degraded, by design).
-        if (this.syncMode && epochNow > 0 && epochNow === w.epochAtIssue) raise(this.replicaDurable, s, req);
+        // Sync mode: complete means written on the replica, and durable there with FUA — for a
+        // write that stayed within one connection (one that spans a link drop completes
+        // locally, degraded, by design).
+        if (this.syncMode && epochNow > 0 && epochNow === w.epochAtIssue) {
+          w.epochSynced = epochNow;
+          raise(w.fua ? this.replicaDurable : this.replicaWritten, s, req);
+        }
       }
     }
     if (writes[0].fua)
@@ -244,11 +265,16 @@ export class Workload {
     this.trace(`client done #${writes.map((w) => w.seq).join(',#')}`);
   }
 
-  private completeFlush(issueStep: number, at: number): void {
+  /** `epoch`: the connection the FLUSH was issued and completed in (-1: none, or it spanned a drop). */
+  private completeFlush(issueStep: number, at: number, epoch: number): void {
     this.requirementsVersion += 1;
     for (let s = 0; s < this.sectors; s++) {
       const w = this.latestCompletedBefore(s, issueStep);
-      if (w !== undefined) raise(this.primaryDurable, s, { seq: w.seq, zero: w.kind !== 'data' });
+      if (w === undefined) continue;
+      const req = { seq: w.seq, zero: w.kind !== 'data' };
+      raise(this.primaryDurable, s, req);
+      // Sync mode: a FLUSH makes durable on the replica what its connection wrote there.
+      if (this.syncMode && epoch > 0 && w.epochSynced === epoch) raise(this.replicaDurable, s, req);
     }
     this.barriers.push({ kind: 'flush', issueStep, completeStep: at });
     this.trace('client FLUSH done');

@@ -521,6 +521,7 @@ export class World {
     this.net.dropNode('secondary', power, this.prng);
     if (power) {
       for (const d of [this.replica, this.stateDisk, this.secLogDisk, this.secBitmapDisk]) d.crash(this.prng);
+      this.workload.secondaryPowerLost();
       // Writes that did not survive are gone; the primary resends their regions under new ids.
       for (let i = this.writtenIds.length - 1; i >= 0; i--) {
         if (!this.durableIds.has(this.writtenIds[i])) this.writtenIds.splice(i, 1);
