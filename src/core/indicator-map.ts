@@ -24,10 +24,11 @@ export class IndicatorMap {
   private readonly words: Uint32Array;
   private setCount = 0;
 
-  constructor(regionCount: number) {
+  /** `words`: bits to take over (the map then owns them), else all clean. */
+  constructor(regionCount: number, words?: Uint32Array) {
     assert.ok(Number.isSafeInteger(regionCount) && regionCount >= 0);
     this.regionCount = regionCount;
-    this.words = new Uint32Array(IndicatorMap.byteLength(regionCount) / 4);
+    this.words = words ?? new Uint32Array(IndicatorMap.byteLength(regionCount) / 4);
   }
 
   /** Bytes of the snapshot form for `regionCount` regions (a whole number of 32-bit words). */
@@ -40,6 +41,26 @@ export class IndicatorMap {
     const map = new IndicatorMap(regionCount);
     map.load(bytes);
     return map;
+  }
+
+  /**
+   * Like fromBytes, but the map takes `bytes` over instead of copying them (one bit per region
+   * is 30 MiB for 15 TiB): the caller must not use them afterwards.
+   */
+  static adopt(regionCount: number, bytes: Uint8Array): IndicatorMap {
+    if (bytes.byteOffset % 4 !== 0 || bytes.length !== IndicatorMap.byteLength(regionCount))
+      return IndicatorMap.fromBytes(regionCount, bytes);
+    const map = new IndicatorMap(
+      regionCount,
+      new Uint32Array(bytes.buffer, bytes.byteOffset, bytes.length / 4),
+    );
+    map.load(bytes);
+    return map;
+  }
+
+  /** The bits as bytes, without a copy: a view that changes with the map. */
+  view(): Uint8Array {
+    return new Uint8Array(this.words.buffer, this.words.byteOffset, this.words.byteLength);
   }
 
   get count(): number {
@@ -108,7 +129,9 @@ export class IndicatorMap {
 
   /** A copy of the bits as bytes (region i in byte i >> 3, bit i & 7). */
   snapshot(): Uint8Array {
-    return new Uint8Array(this.words.buffer.slice(0));
+    return new Uint8Array(
+      this.words.buffer.slice(this.words.byteOffset, this.words.byteOffset + this.words.byteLength),
+    );
   }
 
   /** Replaces every bit from a snapshot of the same region count. */
@@ -119,8 +142,8 @@ export class IndicatorMap {
         `bitmap has ${bytes.length} bytes, expected ${this.words.length * 4} for ${this.regionCount} regions`,
       );
     }
-    const view = new Uint8Array(this.words.buffer);
-    view.set(bytes);
+    const view = new Uint8Array(this.words.buffer, this.words.byteOffset, this.words.byteLength);
+    if (view.buffer !== bytes.buffer || view.byteOffset !== bytes.byteOffset) view.set(bytes);
     const tailBits = this.regionCount % WORD_BITS;
     if (tailBits !== 0 && this.words[this.words.length - 1] >>> tailBits !== 0) {
       throw new VolrepError('VOLREP_ERR_BITMAP_CORRUPT', 'bitmap has bits set beyond the last region');

@@ -37,7 +37,8 @@ export async function recover(
 ): Promise<Recovered> {
   const { file: bitmap, bitmap: persisted } = await BitmapFile.open(bitmapFile, regionCount);
   const { log, scan } = await LogFile.open(logFile);
-  const dirty = IndicatorMap.fromBytes(regionCount, persisted.bits);
+  // The bits just read become the map (no second copy of one bit per region).
+  const dirty = IndicatorMap.adopt(regionCount, persisted.bits);
   const bitmapDirty = dirty.count;
 
   // Begin records the bitmap does not cover, minus those with a completion record (a hint, H4:
@@ -69,7 +70,7 @@ export async function recover(
     restarted = true;
   }
   return {
-    state: { dirty: dirty.snapshot(), idLimit, logTailLsn: log.tailLsn, logHeadLsn: log.headLsn },
+    state: { dirty: dirty.view(), idLimit, logTailLsn: log.tailLsn, logHeadLsn: log.headLsn },
     log,
     bitmap,
     report: {

@@ -360,7 +360,7 @@ interface OwnDirty {
  */
 async function openOwnDirty(storage: SecondaryStorage, regionCount: number): Promise<OwnDirty> {
   const r = await recover(storage.log, storage.bitmap, regionCount);
-  const dirty = IndicatorMap.fromBytes(regionCount, r.state.dirty);
+  const dirty = IndicatorMap.adopt(regionCount, r.state.dirty);
   const own = { bitmap: r.bitmap, dirty, regionCount, coveredLsn: r.log.headLsn, idLimit: r.state.idLimit };
   if (r.report.records > 0 || r.report.dirty !== r.report.bitmapDirty)
     await r.bitmap.persist(dirty.snapshot(), own.coveredLsn, own.idLimit);
