@@ -162,6 +162,22 @@ async function insync(address, seconds) {
   }
 }
 
+/** Until the primary's peer is connected and consistent (its resync ended), with writes going on. */
+async function consistent(address, seconds) {
+  const start = Date.now();
+  for (;;) {
+    const s = JSON.parse(await get(address, '/status'));
+    if (s.peer?.state === 'connected') {
+      const now = Date.now();
+      process.stdout.write(`${now} ${now - start}\n`);
+      return;
+    }
+    if (Date.now() - start > seconds * 1000)
+      fail(`${address}: resync not done after ${seconds} s (peer ${s.peer?.state}, ${s.dirtyRegions} dirty regions)`);
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+}
+
 async function scatter(address, exportName, count, regionSize) {
   const { NbdClient } = await import(new URL('../dist/nbd/client.js', import.meta.url));
   const sep = address.lastIndexOf(':');
@@ -385,9 +401,10 @@ function report(samplesFile, jsonFile, resyncFile, rsyncFile) {
         ms(resync.restartToInSyncMs),
         `resync ${mib(resync.resyncBytes)}, expected ${mib(resync.expectedResyncBytes)}`,
       ],
-      ['  of which restart → secondary serving', ms(resync.restartToServingMs), ''],
-      ['  of which restart → primary reconnected', ms(resync.restartToConnectedMs), ''],
+      ['  of which restart → secondary serving (Node start-up, recovery)', ms(resync.restartToServingMs), ''],
+      ['  of which serving → primary reconnected', ms(resync.servingToConnectedMs), ''],
       ['  of which reconnected → in sync', ms(resync.connectedToInSyncMs), ''],
+      ['volrep resync: secondary serving → in sync (what a user waits for)', ms(resync.servingToInSyncMs), ''],
       [
         'rsync --inplace --no-whole-file --ignore-times primary.img old-copy.img',
         ms(resync.rsync.ms),
@@ -395,11 +412,30 @@ function report(samplesFile, jsonFile, resyncFile, rsyncFile) {
       ],
       ['ratio volrep (restart → in sync) / rsync', times(resync.restartToInSyncMs / resync.rsync.ms), ''],
       [
-        'ratio volrep (reconnected → in sync) / rsync',
-        resync.connectedToInSyncMs === null ? '-' : times(resync.connectedToInSyncMs / resync.rsync.ms),
+        'speed-up over rsync, secondary serving → in sync',
+        resync.servingToInSyncMs === null ? '-' : times(resync.rsync.ms / resync.servingToInSyncMs),
+        '',
+      ],
+      [
+        'speed-up over rsync, reconnected → in sync',
+        resync.connectedToInSyncMs === null ? '-' : times(resync.rsync.ms / resync.connectedToInSyncMs),
         '',
       ],
     ]);
+    if (resync.loadRegions !== undefined) {
+      const s = resync.loadConnectedToConsistentMs;
+      out += `\nresync under load: ${resync.loadRegions} regions changed while the secondary was down (${resync.loadDirtyBefore} dirty), resynced while fio wrote 4 KiB randwrite QD32 to the primary:\n`;
+      out += markdown([
+        ['', 'value'],
+        ['reconnected → resync ended (replica consistent)', ms(s)],
+        ['resync bytes', mib(resync.loadResyncBytes)],
+        [
+          'resync rate under load',
+          s === null || s === 0 ? '-' : `${(resync.loadResyncBytes / 1e6 / (s / 1000)).toFixed(0)} MB/s`,
+        ],
+        ['fio IOPS over its whole run (the resync included)', String(resync.loadFioIops ?? '-')],
+      ]);
+    }
     out +=
       `Dirty regions on the primary before the restart: ${resync.dirtyBefore}. Both files in the page cache; ` +
       'rsync is local (no network).\n';
@@ -487,6 +523,7 @@ else if (command === 'metrics' && args.length === 1) await metrics(args[0]);
 else if (command === 'counter' && args.length === 2) await counter(args[0], args[1]);
 else if (command === 'status' && args.length === 2) await status(args[0], args[1]);
 else if (command === 'insync' && args.length === 2) await insync(args[0], Number(args[1]));
+else if (command === 'consistent' && args.length === 2) await consistent(args[0], Number(args[1]));
 else if (command === 'scatter' && args.length === 4)
   await scatter(args[0], args[1], Number(args[2]), Number(args[3]));
 else if (command === 'mirror' && args.length === 1) await mirror(args[0]);
@@ -494,6 +531,6 @@ else if (command === 'report' && (args.length === 2 || args.length === 4)) repor
 else
   fail(
     'usage: fio.mjs port | parse FIO.json | metrics HOST:PORT | counter HOST:PORT NAME | status HOST:PORT FIELD' +
-      ' | insync HOST:PORT SECONDS | scatter HOST:PORT EXPORT COUNT REGION_SIZE | mirror QMP.sock' +
+      ' | insync HOST:PORT SECONDS | consistent HOST:PORT SECONDS | scatter HOST:PORT EXPORT COUNT REGION_SIZE | mirror QMP.sock' +
       ' | report SAMPLES.tsv OUT.json [RESYNC.kv RSYNC.txt]',
   );

@@ -14,6 +14,7 @@
 #   BENCH_SMALL_WINDOW=64K  activity window of the extra "small window" volrep; off: no such rows
 #   BENCH_SMALL_REGION=4K   region size of that volrep's volume
 #   BENCH_RESYNC_REGIONS=164  regions changed while the secondary is down (1 % of a 1 GiB volume)
+#   BENCH_LOAD_RESYNC_REGIONS=8192  regions changed for the resync under a client write load (half the volume)
 #
 # Targets, all on 127.0.0.1, each on its own sparse 1 GiB file in a temporary directory:
 #   nbdkit        (a) `nbdkit file`
@@ -54,7 +55,11 @@
 # `rsync --inplace --no-whole-file --ignore-times --stats primary.img old-copy.img` (all files in
 # the page cache; --ignore-times because rsync's quick check compares whole seconds, and the copy
 # and the writes to the primary usually fall in the same second: without it rsync skips the file)
-# and compare the copies byte for byte.
+# and compare the copies byte for byte. The times count from the restart and from the moment the
+# restarted secondary logged that it serves (what a user waits for, less Node's own start-up).
+# Then the resync under load: BENCH_LOAD_RESYNC_REGIONS regions change while the secondary is down;
+# once the primary has reconnected, fio writes 4 KiB randwrite QD32 to it; the time from the
+# reconnect until the replica is consistent again (the resync ended, fio still writing).
 #
 # Needs fio with the nbd engine, nbdkit and rsync (Debian: fio nbdkit rsync).
 #
@@ -474,9 +479,14 @@ start_secondary "$S"
 t_serving=$(now_ms)
 read -r t_insync _ < <(wait_insync "$P")
 resync1=$(node "$HELPER" counter "$PRI_HTTP" volrep_resync_bytes_total) || die "cannot read /metrics of $P"
+log_time() { # file message [skip]: the time (ms since the epoch) of the message's first line after `skip` of them
+  grep "\"msg\":\"$2\"" "$1" | tail -n +"$((${3:-0} + 1))" | head -n 1 |
+    node -e 'let s="";process.stdin.on("data",(d)=>{s+=d}).on("end",()=>{console.log(s?JSON.parse(s).time:"-")})'
+}
 # When the primary reconnected (its log's timestamp, ms since the epoch): the rest is the resync.
-t_connected=$(grep '"connected to the secondary"' "$WORK/$P.log" | tail -n +"$((connects0 + 1))" | head -n 1 |
-  node -e 'let s="";process.stdin.on("data",(d)=>{s+=d}).on("end",()=>{console.log(s?JSON.parse(s).time:"-")})')
+t_connected=$(log_time "$WORK/$P.log" 'connected to the secondary' "$connects0")
+# When the restarted secondary listened (what a user waits for from there, less Node's start-up).
+t_listening=$(log_time "$WORK/$S.log" 'secondary serving')
 cmp -s "$WORK/$P.img" "$WORK/$S.img" || die "after the resync the replica differs from the primary volume"
 say "  replica identical to the primary after the resync (cmp)"
 
@@ -497,8 +507,52 @@ RESYNC_KV="$WORK/resync.kv"
   echo "restartToConnectedMs=$([[ $t_connected == - ]] && echo - || echo $((t_connected - t_restart)))"
   echo "restartToInSyncMs=$((t_insync - t_restart))"
   echo "connectedToInSyncMs=$([[ $t_connected == - ]] && echo - || echo $((t_insync - t_connected)))"
+  echo "servingToInSyncMs=$([[ $t_listening == - ]] && echo - || echo $((t_insync - t_listening)))"
+  echo "servingToConnectedMs=$([[ $t_listening == - || $t_connected == - ]] && echo - || echo $((t_connected - t_listening)))"
   echo "rsyncMs=$((rsync_t1 - rsync_t0))"
 } >"$RESYNC_KV"
+
+# --- resync under a client write load ----------------------------------------------------------------
+# The same pair: LOAD_REGIONS regions change while the secondary is down, then fio writes 4 KiB at
+# QD32 (filling the in-flight window) while the secondary comes back: the resync must still end.
+LOAD_REGIONS=${BENCH_LOAD_RESYNC_REGIONS:-8192}
+say ""
+say "resync under load: $LOAD_REGIONS regions changed while the secondary is down, resynced while fio writes 4 KiB at QD32"
+wait_insync "$P" >/dev/null
+rc=0
+stop_daemon "$S" || rc=$?
+((rc == 0)) || die "volrep secondary did not stop cleanly on SIGTERM (exit status $rc)"
+node "$HELPER" scatter "127.0.0.1:${NBD_PORT[$P]}" volrep "$LOAD_REGIONS" "$region_size" ||
+  die "writing $LOAD_REGIONS regions through NBD failed"
+load_dirty=$(node "$HELPER" status "$PRI_HTTP" dirtyRegions) || die "cannot read /status of $P"
+load_resync0=$(node "$HELPER" counter "$PRI_HTTP" volrep_resync_bytes_total) || die "cannot read /metrics of $P"
+load_connects0=$(grep -c '"connected to the secondary"' "$WORK/$P.log" || true)
+start_secondary "$S"
+# fio starts once the primary is back: its writes then go out as updates beside the resync.
+for ((i = 0; i < 200; i++)); do
+  (($(grep -c '"connected to the secondary"' "$WORK/$P.log" || true) > load_connects0)) && break
+  sleep 0.05
+done
+fio --name=load --ioengine=nbd --uri="nbd://127.0.0.1:${NBD_PORT[$P]}/volrep" --rw=randwrite --bs=4k \
+  --iodepth=32 --size="$SIZE" --time_based --runtime=$((RUNTIME + 20)) --output-format=json \
+  >"$WORK/load-fio.json" 2>"$WORK/load-fio.log" &
+LOAD_FIO=$!
+read -r t_load_done _ < <(node "$HELPER" consistent "$PRI_HTTP" 60) || die "the resync under load did not end in 60 s"
+load_resync1=$(node "$HELPER" counter "$PRI_HTTP" volrep_resync_bytes_total) || die "cannot read /metrics of $P"
+kill -INT "$LOAD_FIO" 2>/dev/null || true
+wait "$LOAD_FIO" || true
+t_load_connected=$(log_time "$WORK/$P.log" 'connected to the secondary' "$load_connects0")
+load_iops=$(node -e 'const s=require("fs").readFileSync(process.argv[1],"utf8");const j=JSON.parse(s.slice(s.indexOf("{")));console.log(Math.round(j.jobs[0].write.iops))' "$WORK/load-fio.json" 2>/dev/null || echo -)
+wait_insync "$P" >/dev/null
+cmp -s "$WORK/$P.img" "$WORK/$S.img" || die "after the resync under load the replica differs from the primary volume"
+say "  resync ended with fio writing; replica identical to the primary once fio stopped (cmp)"
+{
+  echo "loadRegions=$LOAD_REGIONS"
+  echo "loadDirtyBefore=$load_dirty"
+  echo "loadResyncBytes=$((load_resync1 - load_resync0))"
+  echo "loadConnectedToConsistentMs=$([[ $t_load_connected == - ]] && echo - || echo $((t_load_done - t_load_connected)))"
+  echo "loadFioIops=$load_iops"
+} >>"$RESYNC_KV"
 
 # --- shut down and report -------------------------------------------------------------------------
 for name in volrep volrep-async volrep-sync volrep-async-plain volrep-small; do
