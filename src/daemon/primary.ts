@@ -415,6 +415,11 @@ function registerEngineMetrics(metrics: Metrics, volume: Volume, authFailures: {
     'Bytes of resync content sent to the secondary',
     () => counters.resyncBytes,
   );
+  tally(
+    'volrep_resync_zero_bytes_total',
+    'Of the resync bytes: regions that read back all-zero, sent as zero updates without their data',
+    () => counters.resyncZeroBytes,
+  );
   tally('volrep_acks_total', 'Acks received from the secondary', () => counters.acks);
   tally('volrep_reconnects_total', 'Reconnections after a lost link', () => node().link?.reconnects ?? 0);
   tally(

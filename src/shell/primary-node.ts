@@ -107,6 +107,8 @@ export interface PrimaryCounters {
   volumeSyncs: number;
   replicatedBytes: number;
   resyncBytes: number;
+  /** Of resyncBytes: regions that read back all-zero and went as zero updates (no data). */
+  resyncZeroBytes: number;
   acks: number;
 }
 
@@ -137,6 +139,7 @@ export class PrimaryNode {
     volumeSyncs: 0,
     replicatedBytes: 0,
     resyncBytes: 0,
+    resyncZeroBytes: 0,
     acks: 0,
   };
   private readonly txs = new Map<number, PendingTx>();
@@ -418,9 +421,14 @@ export class PrimaryNode {
         const resync = a.source.type === 'resync';
         if (resync) this.counters.resyncBytes += a.length;
         else this.counters.replicatedBytes += a.length;
+        // A region that reads back all-zero (a hole of a sparse volume, most of a fresh one)
+        // travels as a zero update: no data on the wire, and the replica keeps its holes.
+        const zero = resync && a.kind === 'data' && data !== null && data.every(isAllZero);
+        if (zero) this.counters.resyncZeroBytes += a.length;
+        const kind = zero ? 'zero' : a.kind;
         this.session?.sendUpdate(
-          { id: a.updateId, offset: a.offset, length: a.length, kind: a.kind, resync },
-          a.kind === 'data' ? asBuffers(data ?? []) : [],
+          { id: a.updateId, offset: a.offset, length: a.length, kind, resync },
+          kind === 'data' ? asBuffers(data ?? []) : [],
         );
         return;
       }
@@ -660,4 +668,15 @@ export function initialPairState(): PairState {
 
 function asBuffers(chunks: readonly Uint8Array[]): Buffer[] {
   return chunks.map((c) => (Buffer.isBuffer(c) ? c : Buffer.from(c.buffer, c.byteOffset, c.byteLength)));
+}
+
+const ZEROES = new Uint8Array(64 * 1024);
+
+/** Whether every byte is zero (compared a 64 KiB piece at a time: memcmp speed). */
+function isAllZero(bytes: Uint8Array): boolean {
+  for (let at = 0; at < bytes.length; at += ZEROES.length) {
+    const piece = bytes.subarray(at, Math.min(bytes.length, at + ZEROES.length));
+    if (Buffer.compare(piece, ZEROES.subarray(0, piece.length)) !== 0) return false;
+  }
+  return true;
 }

@@ -19,13 +19,8 @@ export class FileDevice implements BlockDevice {
 
   read(offset: number, length: number, buf: Buffer, at: number, done: Done): void {
     if (length <= SYNC_IO_BYTES_MAX) {
-      let got = 0;
       try {
-        while (got < length) {
-          const n = fs.readSync(this.fd, buf, at + got, length - got, offset + got);
-          if (n === 0) throw new Error('short read: volume is smaller than its metadata says');
-          got += n;
-        }
+        readAllSync(this.fd, buf.subarray(at, at + length), offset);
       } catch (err) {
         done(err as Error);
         return;
@@ -59,11 +54,19 @@ export class FileDevice implements BlockDevice {
     writevAll(this.fd, data, offset, finish);
   }
 
+  /**
+   * Zeroes a range, writing only the pieces that do not read back as zeroes already: a hole of a
+   * sparse file stays a hole (a replica's initial full sync of a fresh, sparse volume allocates
+   * nothing), and reading a piece costs less than writing it.
+   */
   writeZeroes(offset: number, length: number, fua: boolean, done: Done): void {
     const finish = fua ? (err: Error | null) => (err ? done(err) : this.flush(done)) : done;
     if (length <= SYNC_IO_BYTES_MAX) {
       try {
-        writevAllSync(this.fd, [ZERO_CHUNK.subarray(0, length)], offset);
+        const piece = this.scratch.subarray(0, length);
+        readAllSync(this.fd, piece, offset);
+        if (!piece.equals(ZERO_CHUNK.subarray(0, length)))
+          writevAllSync(this.fd, [ZERO_CHUNK.subarray(0, length)], offset);
       } catch (err) {
         done(err as Error);
         return;
@@ -74,10 +77,18 @@ export class FileDevice implements BlockDevice {
     const step = (at: number): void => {
       if (at === offset + length) return finish(null);
       const n = Math.min(ZERO_CHUNK.length, offset + length - at);
-      writevAll(this.fd, [ZERO_CHUNK.subarray(0, n)], at, (err) => (err ? finish(err) : step(at + n)));
+      const piece = Buffer.allocUnsafe(n);
+      this.read(at, n, piece, 0, (err) => {
+        if (err) return finish(err);
+        if (piece.equals(ZERO_CHUNK.subarray(0, n))) return step(at + n);
+        writevAll(this.fd, [ZERO_CHUNK.subarray(0, n)], at, (err) => (err ? finish(err) : step(at + n)));
+      });
     };
     step(offset);
   }
+
+  /** For the synchronous zero check of small ranges (one at a time: the event loop is single). */
+  private readonly scratch = Buffer.allocUnsafe(SYNC_IO_BYTES_MAX);
 
   trim(offset: number, length: number, fua: boolean, done: Done): void {
     this.writeZeroes(offset, length, fua, done);
@@ -85,6 +96,16 @@ export class FileDevice implements BlockDevice {
 
   flush(done: Done): void {
     fs.fdatasync(this.fd, (err) => done(err));
+  }
+}
+
+/** Fills `buf` from `position` (a short read means the volume is smaller than its metadata says). */
+function readAllSync(fd: number, buf: Buffer, position: number): void {
+  let got = 0;
+  while (got < buf.length) {
+    const n = fs.readSync(fd, buf, got, buf.length - got, position + got);
+    if (n === 0) throw new Error('short read: volume is smaller than its metadata says');
+    got += n;
   }
 }
 

@@ -2,8 +2,11 @@
  * Resync sends only what differs: after an outage (the secondary killed, or the link blackholed
  * past the ack timeout) during which the test wrote to K distinct regions, volrep_resync_bytes_total
  * grew by at most K × regionSize (the metric counts payload bytes), and the pair ends identical.
+ * Regions that read back all-zero go as zero updates (volrep_resync_zero_bytes_total), without
+ * their data, and the replica keeps its holes.
  */
 import assert from 'node:assert/strict';
+import { statSync } from 'node:fs';
 import { after, describe, it } from 'node:test';
 import { NbdClient } from '../../src/nbd/client.js';
 import { Prng } from '../sim/prng.js';
@@ -87,4 +90,51 @@ describe('resync sends only the regions written during an outage', { timeout: 12
       }
     });
   }
+});
+
+describe('resync sends all-zero regions as zero updates', { timeout: 120_000 }, () => {
+  const pairs: Pair[] = [];
+  after(async () => {
+    for (const p of pairs) await p.cleanup();
+  });
+
+  it(`the initial full sync of a sparse volume sends no data and leaves the replica sparse; zeroed regions resync as zeroes (seed ${SEED})`, async () => {
+    const prng = new Prng(SEED ^ 3);
+    const pair = new Pair({ size: '32M' });
+    pairs.push(pair);
+    await pair.start();
+    await pair.waitInSync('initial sync', 30_000);
+    const zeroBytes = await pair.primaryMetric('volrep_resync_zero_bytes_total');
+    assert.equal(await pair.primaryMetric('volrep_resync_bytes_total'), SIZE, 'a full sync of every region');
+    assert.equal(zeroBytes, SIZE, 'every region of the fresh volume is a hole: all as zero updates');
+    const allocated = statSync(pair.secondaryVolume).blocks * 512;
+    assert.ok(allocated <= REGION, `the replica stays sparse: ${allocated} bytes allocated`);
+
+    // Data in some regions, then an outage in which some are zeroed again and others written.
+    const client = await NbdClient.connect(pair.primary!.nbd.host, pair.primary!.nbd.port, 'volrep');
+    try {
+      const regions = [...new Set(Array.from({ length: 24 }, () => prng.int(REGIONS)))];
+      for (const r of regions) await client.write(r * REGION, prngBytes(prng, REGION));
+      await pair.waitInSync('with data');
+      await pair.killSecondary();
+      await pair.waitPeerState(['disconnected', 'connecting'], 'secondary killed');
+      const zeroed = regions.slice(0, regions.length / 2);
+      const written = regions.slice(regions.length / 2);
+      for (const r of zeroed) await client.writeZeroes(r * REGION, REGION);
+      for (const r of written) await client.write(r * REGION, prngBytes(prng, REGION));
+      const before = {
+        resync: await pair.primaryMetric('volrep_resync_bytes_total'),
+        zero: await pair.primaryMetric('volrep_resync_zero_bytes_total'),
+      };
+      await pair.startSecondary();
+      await pair.waitInSync('after the outage');
+      const resync = (await pair.primaryMetric('volrep_resync_bytes_total')) - before.resync;
+      const zero = (await pair.primaryMetric('volrep_resync_zero_bytes_total')) - before.zero;
+      assert.equal(resync, regions.length * REGION, 'every region written in the outage, and only those');
+      assert.equal(zero, zeroed.length * REGION, 'exactly the zeroed ones as zero updates');
+      await pair.assertIdentical('after the outage');
+    } finally {
+      await client.close();
+    }
+  });
 });
