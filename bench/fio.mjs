@@ -173,7 +173,9 @@ async function consistent(address, seconds) {
       return;
     }
     if (Date.now() - start > seconds * 1000)
-      fail(`${address}: resync not done after ${seconds} s (peer ${s.peer?.state}, ${s.dirtyRegions} dirty regions)`);
+      fail(
+        `${address}: resync not done after ${seconds} s (peer ${s.peer?.state}, ${s.dirtyRegions} dirty regions)`,
+      );
     await new Promise((resolve) => setTimeout(resolve, 20));
   }
 }
@@ -404,7 +406,11 @@ function report(samplesFile, jsonFile, resyncFile, rsyncFile) {
       ['  of which restart → secondary serving (Node start-up, recovery)', ms(resync.restartToServingMs), ''],
       ['  of which serving → primary reconnected', ms(resync.servingToConnectedMs), ''],
       ['  of which reconnected → in sync', ms(resync.connectedToInSyncMs), ''],
-      ['volrep resync: secondary serving → in sync (what a user waits for)', ms(resync.servingToInSyncMs), ''],
+      [
+        'volrep resync: secondary serving → in sync (what a user waits for)',
+        ms(resync.servingToInSyncMs),
+        '',
+      ],
       [
         'rsync --inplace --no-whole-file --ignore-times primary.img old-copy.img',
         ms(resync.rsync.ms),

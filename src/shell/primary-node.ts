@@ -423,7 +423,7 @@ export class PrimaryNode {
         else this.counters.replicatedBytes += a.length;
         // A region that reads back all-zero (a hole of a sparse volume, most of a fresh one)
         // travels as a zero update: no data on the wire, and the replica keeps its holes.
-        const zero = resync && a.kind === 'data' && data !== null && data.every(isAllZero);
+        const zero = resync && a.kind === 'data' && data?.every(isAllZero) === true;
         if (zero) this.counters.resyncZeroBytes += a.length;
         const kind = zero ? 'zero' : a.kind;
         this.session?.sendUpdate(
