@@ -1063,10 +1063,7 @@ export class Engine {
     if (op.tx !== null) {
       op.tx.unsettled -= 1;
       // Durable on the replica (or lost, never to be waited for) is written too.
-      if (!op.written) {
-        op.written = true;
-        op.tx.unwritten -= 1;
-      }
+      this.markWritten(op);
       this.maybeComplete(op.tx);
     }
     for (let r = op.first; r <= op.last; r++) {

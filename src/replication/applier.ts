@@ -5,9 +5,9 @@
  * the applier has caught up with what arrived, it syncs the replica and acks the highest id now
  * on disk — so an ack always means durable (H5). The record of that id (the replica-state file)
  * follows in the background, one write at a time, always for an id whose data was synced first:
- * it may lag the data, never run ahead of it (H14), and a lagging record only makes the primary
- * resend what the replica already holds. So a batch costs one fdatasync on the critical path,
- * not two. A change of consistency or generation is recorded before it is acked. A barrier (the
+ * it may lag the data, never run ahead of it (H14); a lagging record only makes a restarted
+ * replica report an older id than it holds (the primary keeps the higher one it was acked). So a
+ * batch costs one fdatasync on the critical path, not two. A change of consistency or generation is recorded before it is acked. A barrier (the
  * primary's FLUSH) is a sync point: nothing after it is written before everything before it is
  * durable (H13). During a resync the replica is durably marked inconsistent before the first
  * resync byte lands, and consistent again only after the last one is durable.

@@ -39,6 +39,7 @@ import {
   type PrimarySessionAction,
   type PrimarySessionStatus,
 } from '../replication/primary-session.js';
+import { isAllZero } from '../util/zero.js';
 
 /** The files and the volume of a primary. */
 export interface PrimaryStorage {
@@ -218,7 +219,8 @@ export class PrimaryNode {
 
   /**
    * One transaction: `done` once every write is on the volume (durable with `fua`; in sync mode
-   * while connected, also written by the secondary, and durable there with `fua`). Throws VOLREP_ERR_REQUEST for a write the
+   * while connected, also written by the secondary, and durable there with `fua`). Throws
+   * VOLREP_ERR_REQUEST for a write the
    * engine cannot take (out of range, too large), before anything happens.
    */
   submit(writes: readonly NodeWrite[], options: TransactionOptions, done: Done): void {
@@ -668,15 +670,4 @@ export function initialPairState(): PairState {
 
 function asBuffers(chunks: readonly Uint8Array[]): Buffer[] {
   return chunks.map((c) => (Buffer.isBuffer(c) ? c : Buffer.from(c.buffer, c.byteOffset, c.byteLength)));
-}
-
-const ZEROES = new Uint8Array(64 * 1024);
-
-/** Whether every byte is zero (compared a 64 KiB piece at a time: memcmp speed). */
-function isAllZero(bytes: Uint8Array): boolean {
-  for (let at = 0; at < bytes.length; at += ZEROES.length) {
-    const piece = bytes.subarray(at, Math.min(bytes.length, at + ZEROES.length));
-    if (Buffer.compare(piece, ZEROES.subarray(0, piece.length)) !== 0) return false;
-  }
-  return true;
 }

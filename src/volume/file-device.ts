@@ -1,5 +1,6 @@
 import fs from 'node:fs';
 import type { BlockDevice, Done } from '../io/block-device.js';
+import { isAllZero, ZEROES } from '../util/zero.js';
 
 /**
  * Requests up to this size run synchronously on the event loop: a positioned read or write of a
@@ -7,10 +8,12 @@ import type { BlockDevice, Done } from '../io/block-device.js';
  * Larger transfers and every sync go through the threadpool so the loop never stalls for long.
  */
 export const SYNC_IO_BYTES_MAX = 64 * 1024;
-const ZERO_CHUNK = Buffer.alloc(1024 * 1024);
 
 /** A BlockDevice over an open file descriptor, with positioned I/O. */
 export class FileDevice implements BlockDevice {
+  /** For the synchronous zero check of small ranges (one at a time: the event loop is single). */
+  private readonly scratch = Buffer.allocUnsafe(SYNC_IO_BYTES_MAX);
+
   constructor(
     private readonly fd: number,
     readonly size: number,
@@ -65,8 +68,7 @@ export class FileDevice implements BlockDevice {
       try {
         const piece = this.scratch.subarray(0, length);
         readAllSync(this.fd, piece, offset);
-        if (!piece.equals(ZERO_CHUNK.subarray(0, length)))
-          writevAllSync(this.fd, [ZERO_CHUNK.subarray(0, length)], offset);
+        if (!isAllZero(piece)) writevAllSync(this.fd, [ZEROES.subarray(0, length)], offset);
       } catch (err) {
         done(err as Error);
         return;
@@ -76,19 +78,16 @@ export class FileDevice implements BlockDevice {
     }
     const step = (at: number): void => {
       if (at === offset + length) return finish(null);
-      const n = Math.min(ZERO_CHUNK.length, offset + length - at);
+      const n = Math.min(ZEROES.length, offset + length - at);
       const piece = Buffer.allocUnsafe(n);
       this.read(at, n, piece, 0, (err) => {
         if (err) return finish(err);
-        if (piece.equals(ZERO_CHUNK.subarray(0, n))) return step(at + n);
-        writevAll(this.fd, [ZERO_CHUNK.subarray(0, n)], at, (err) => (err ? finish(err) : step(at + n)));
+        if (isAllZero(piece)) return step(at + n);
+        writevAll(this.fd, [ZEROES.subarray(0, n)], at, (err) => (err ? finish(err) : step(at + n)));
       });
     };
     step(offset);
   }
-
-  /** For the synchronous zero check of small ranges (one at a time: the event loop is single). */
-  private readonly scratch = Buffer.allocUnsafe(SYNC_IO_BYTES_MAX);
 
   trim(offset: number, length: number, fua: boolean, done: Done): void {
     this.writeZeroes(offset, length, fua, done);
