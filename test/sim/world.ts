@@ -580,6 +580,7 @@ export class World {
       if (end.node === 'secondary') {
         // The moment the secondary says "durable": every update up to it must be (H5).
         if (m.type === 'ack') this.checkAckDurable(m.ack.id);
+        else if (m.type === 'welcome') this.checkAckDurable(m.welcome.lastAppliedUpdate);
         continue;
       }
       if (m.type === 'update')
