@@ -76,10 +76,12 @@ export class FileDevice implements BlockDevice {
       finish(null);
       return;
     }
+    // One buffer for the whole request, reused piece by piece (large TRIMs are many pieces).
+    const buf = Buffer.allocUnsafe(Math.min(ZEROES.length, length));
     const step = (at: number): void => {
       if (at === offset + length) return finish(null);
       const n = Math.min(ZEROES.length, offset + length - at);
-      const piece = Buffer.allocUnsafe(n);
+      const piece = buf.subarray(0, n);
       this.read(at, n, piece, 0, (err) => {
         if (err) return finish(err);
         if (isAllZero(piece)) return step(at + n);
