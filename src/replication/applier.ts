@@ -1,9 +1,12 @@
 /**
  * The secondary's ordered applier (DESIGN.md I5, H5, H13, H14).
  *
- * Updates are applied to the replica strictly in id order. Many updates share one sync: whenever
- * the applier has caught up with what arrived, it syncs the replica and acks the highest id now
- * on disk — so an ack always means durable (H5). The record of that id (the replica-state file)
+ * Updates are applied to the replica strictly in id order. Many updates share one sync, which
+ * acks the highest id then on disk — so an ack always means durable (H5). Nobody waits on a sync
+ * except at a barrier (a client's FLUSH or FUA write, a resync mark) or when the primary's
+ * in-flight window fills, so once the applier has caught up it syncs at once only when a barrier
+ * or enough unsynced data asks for it, and otherwise within SYNC_DELAY_MS: at one write in
+ * flight that is one sync per many writes, not one per write. The record of that id (the replica-state file)
  * follows in the background, one write at a time, always for an id whose data was synced first:
  * it may lag the data, never run ahead of it (H14); a lagging record only makes a restarted
  * replica report an older id than it holds (the primary keeps the higher one it was acked). So a
@@ -13,6 +16,7 @@
  * resync byte lands, and consistent again only after the last one is durable.
  */
 import type { BlockDevice } from '../io/block-device.js';
+import type { Clock, Timer } from '../io/clock.js';
 import { endResync, type Generations } from './generations.js';
 import type { UpdateHeader } from './messages.js';
 
@@ -27,6 +31,22 @@ export interface ReplicaState {
 
 export interface ReplicaStateStore {
   write(state: ReplicaState): Promise<void>;
+}
+
+/**
+ * How long written data may wait for its sync when nothing waits on it. It delays only the
+ * durable ack (so the primary's clean marks, and in async mode what a failover keeps), never a
+ * client: FLUSH and FUA reach the applier as barriers, which sync at once.
+ */
+export const SYNC_DELAY_MS = 5;
+/** Unsynced bytes or updates at which the applier syncs without waiting (the primary's window and a resync wait on the acks). */
+export const SYNC_NOW_BYTES = 1024 * 1024;
+export const SYNC_NOW_UPDATES = 64;
+
+export interface ApplierOptions {
+  clock: Clock;
+  /** Overrides SYNC_DELAY_MS; 0 syncs as soon as the applier has caught up. */
+  syncDelayMs?: number;
 }
 
 export type ApplierOp =
@@ -55,6 +75,11 @@ export class Applier {
   private applying = 0;
   private syncRunning: Promise<void> | undefined;
   private syncWanted = false;
+  /** What was written since the last sync began, and the timer that syncs it if nothing else does. */
+  private unsyncedBytes = 0;
+  private unsyncedUpdates = 0;
+  private syncTimer: Timer | undefined;
+  private readonly syncDelayMs: number;
   private failure: Error | undefined;
   private idleWaiters: (() => void)[] = [];
   /** Called each time the durable state changes (the shell acks it to the primary). */
@@ -73,7 +98,9 @@ export class Applier {
     private readonly device: BlockDevice,
     private readonly store: ReplicaStateStore,
     initial: ReplicaState,
+    private readonly opts: ApplierOptions,
   ) {
+    this.syncDelayMs = opts.syncDelayMs ?? SYNC_DELAY_MS;
     this.durable = { ...initial };
     this.recordedState = { ...initial };
     this.consistentWanted = initial.consistent;
@@ -156,6 +183,7 @@ export class Applier {
   /** Resolves when everything accepted so far is applied and durable (or the applier failed). */
   whenIdle(): Promise<void> {
     if (this.isIdle()) return Promise.resolve();
+    this.syncSoon(true); // somebody waits: do not delay the sync
     return new Promise((resolve) => this.idleWaiters.push(resolve));
   }
 
@@ -195,7 +223,7 @@ export class Applier {
         this.writtenReported = this.appliedId;
         this.onWritten(this.appliedId);
       }
-      this.requestSync();
+      this.syncSoon(this.idleWaiters.length > 0);
     }
     this.notifyIfIdle();
   }
@@ -209,6 +237,8 @@ export class Applier {
       this.applying = 0;
       if (err) return this.fail(err);
       this.appliedId = update.id;
+      this.unsyncedBytes += update.kind === 'data' ? update.length : 0;
+      this.unsyncedUpdates += 1;
       this.blocked = false;
       this.onProgress();
       // Completed asynchronously: carry on from here. Synchronously: the pump loop carries on.
@@ -220,8 +250,27 @@ export class Applier {
     returned = true;
   }
 
+  /**
+   * The applier has caught up: syncs now when asked to, or when the unsynced data is large enough
+   * for the primary to wait on its ack; otherwise once SYNC_DELAY_MS has passed.
+   */
+  private syncSoon(now: boolean): void {
+    if (this.synced()) return;
+    const large = this.unsyncedBytes >= SYNC_NOW_BYTES || this.unsyncedUpdates >= SYNC_NOW_UPDATES;
+    if (now || large || this.syncDelayMs === 0) {
+      this.requestSync();
+      return;
+    }
+    this.syncTimer ??= this.opts.clock.setTimer(this.opts.clock.now() + this.syncDelayMs, () => {
+      this.syncTimer = undefined;
+      if (this.failure === undefined) this.requestSync();
+    });
+  }
+
   /** Starts a batch sync if something is not durable yet; batches everything applied by then. */
   private requestSync(): void {
+    this.syncTimer?.cancel();
+    this.syncTimer = undefined;
     if (this.syncRunning) {
       this.syncWanted = true;
       return;
@@ -250,6 +299,8 @@ export class Applier {
   }
 
   private async syncOnce(): Promise<void> {
+    this.unsyncedBytes = 0;
+    this.unsyncedUpdates = 0;
     const target: ReplicaState = {
       lastAppliedUpdate: this.appliedId,
       consistent: this.consistentWanted,
@@ -302,6 +353,8 @@ export class Applier {
   private fail(err: Error): void {
     if (this.failure) return;
     this.failure = err;
+    this.syncTimer?.cancel();
+    this.syncTimer = undefined;
     this.blocked = false;
     this.queue.length = 0;
     this.onFailure(err);

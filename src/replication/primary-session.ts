@@ -62,7 +62,7 @@ type PrimaryLinkEvent =
   | 'start'
   | 'open'
   | 'welcome'
-  | 'welcomeFullSync'
+  | 'welcomeMarking'
   | 'refused'
   | 'marked'
   | 'fail'
@@ -72,8 +72,10 @@ type PrimaryLinkEvent =
 
 /**
  * Every move of the link. `fail` is this side dropping the connection (timeout, protocol error,
- * the engine's ack timeout); `closed` is the connection gone. `marking`: a replica without any
- * history gets a full sync, and everything is marked dirty durably before anything is sent.
+ * the engine's ack timeout); `closed` is the connection gone. `marking`: nothing is sent until
+ * what the welcome asks of this side is durable — every region dirty for a replica without any
+ * history (a full sync), the secondary's own dirty regions, and the dropped base when the replica
+ * took this side's generation.
  */
 const PRIMARY_TRANSITIONS: {
   readonly [S in PrimaryLinkState]: { readonly [E in PrimaryLinkEvent]?: PrimaryLinkState };
@@ -82,7 +84,7 @@ const PRIMARY_TRANSITIONS: {
   connecting: { open: 'greeting', fail: 'closing', closed: 'backoff', stop: 'stopped' },
   greeting: {
     welcome: 'streaming',
-    welcomeFullSync: 'marking',
+    welcomeMarking: 'marking',
     refused: 'closing',
     fail: 'closing',
     closed: 'backoff',
@@ -117,8 +119,11 @@ export type PrimarySessionAction =
   | { type: 'replicaEverSynced' }
   /** The replica became consistent (a resync ended): a good moment to persist the cleaner bitmap. */
   | { type: 'replicaConsistent' }
-  /** The secondary durably holds this side's generation: drop the base (nothing apart any more). */
-  | { type: 'peerHoldsGeneration' }
+  /**
+   * The secondary durably holds this side's generation: drop the base (nothing apart any more),
+   * and call handleBaseDropped(connection) once the pair state holding that is durable.
+   */
+  | { type: 'peerHoldsGeneration'; connection: number }
   /** What the generations decided on this connection (for status, logs and metrics). */
   | { type: 'handshake'; decision: HandshakeOutcome; peer: Generations | null; reason?: string }
   | { type: 'log'; level: LogLevel; msg: string; fields?: Record<string, unknown> };
@@ -161,6 +166,8 @@ export class PrimarySession {
   private queue = new ChunkQueue();
   private decoder = new FrameDecoder();
   private delayMs = RECONNECT_DELAY_MS_MIN;
+  /** In `marking`: what the stream still waits for. */
+  private marking: { dirty: boolean; baseDrop: boolean; replicaConsistent: boolean } | undefined;
   /** The last attempt ended in the secondary's refusal: back off further (it needs an operator). */
   private refused = false;
   private retryAtMs = Number.POSITIVE_INFINITY;
@@ -283,6 +290,7 @@ export class PrimarySession {
     if (this.engineConnected) this.disconnectEngine();
     this.replicaConsistent = false;
     this.welcome = undefined;
+    this.marking = undefined;
     if (wasStreaming) {
       this.reconnects += 1;
       this.log('warn', 'replication link down', { reason });
@@ -317,13 +325,6 @@ export class PrimarySession {
         }
         return;
     }
-  }
-
-  /** The engine's marks for a full sync are durable: start the stream. */
-  handleAllDirtyDurable(): void {
-    if (this.linkState !== 'marking') return; // the connection went away meanwhile
-    this.move('marked');
-    this.connectEngine(this.welcome!.lastAppliedUpdate, false);
   }
 
   /** This side drops the connection (the engine's ack timeout, or it refused the welcome). */
@@ -436,12 +437,15 @@ export class PrimarySession {
         `the secondary announced ${welcome.dirtyRegions} dirty regions of its own and sent ${peerDirtyCount}`,
       );
     this.emit({ type: 'handshake', decision, peer: welcome.generations });
-    // The replica took this side's generation before welcoming it: nothing here is apart any
-    // more (dropped before anything is streamed, as the model has it).
-    if (welcome.generations.current === own.current && own.base !== null)
-      this.emit({ type: 'peerHoldsGeneration' });
     this.welcome = welcome;
     this.connections += 1;
+    // The replica took this side's generation before welcoming it: nothing here is apart any
+    // more. The model drops the base before anything is streamed, so the stream waits until that
+    // is durable: a power loss here after a resync that ended on the replica must not bring the
+    // base back (a demote would then give up the generation the replica holds: a false split
+    // brain). The base may be gone in memory already with its write still pending: wait anyway.
+    const baseDrop = welcome.generations.current === own.current;
+    if (baseDrop) this.emit({ type: 'peerHoldsGeneration', connection: this.connections });
     this.keepAliveAtMs = this.lastHeardMs + KEEP_ALIVE_INTERVAL_MS;
     this.delayMs = RECONNECT_DELAY_MS_MIN;
     this.replicaConsistent = welcome.consistent;
@@ -463,7 +467,8 @@ export class PrimarySession {
     }
     if (virgin && !assumeClean) {
       this.log('info', 'the replica has never been synchronised: full initial sync');
-      this.move('welcomeFullSync');
+      this.marking = { dirty: true, baseDrop, replicaConsistent: false };
+      this.move('welcomeMarking');
       this.emit({ type: 'markDirty' });
       return;
     }
@@ -473,16 +478,20 @@ export class PrimarySession {
       this.log('info', 'the secondary holds regions of its own that may differ: resyncing them too', {
         regions: peerDirtyCount,
       });
-      this.move('welcomeFullSync');
+      this.marking = { dirty: true, baseDrop, replicaConsistent: false };
+      this.move('welcomeMarking');
       this.emit({ type: 'markDirty', bits: peerDirty });
       return;
     }
-    this.move('welcome');
     // A replica not (yet) consistent gets a resync pass, whose end mark makes it consistent.
-    this.connectEngine(
-      welcome.lastAppliedUpdate,
-      welcome.consistent && welcome.generations.current === own.current,
-    );
+    const replicaConsistent = welcome.consistent && welcome.generations.current === own.current;
+    if (baseDrop) {
+      this.marking = { dirty: false, baseDrop, replicaConsistent };
+      this.move('welcomeMarking');
+      return;
+    }
+    this.move('welcome');
+    this.connectEngine(welcome.lastAppliedUpdate, replicaConsistent);
   }
 
   private handleAck(ack: Ack): void {
@@ -504,9 +513,34 @@ export class PrimarySession {
     }
   }
 
-  /** This side's connection is up and streaming: writes now are in step with the secondary. */
+  /**
+   * Writes now are in step with the secondary: it holds this side's generation and the stream
+   * carries them (in `marking` they are marked dirty, and the stream that follows sends them).
+   */
   inStep(): boolean {
-    return this.linkState === 'streaming';
+    return this.linkState === 'streaming' || this.linkState === 'marking';
+  }
+
+  /** The engine's marks for a full sync are durable: start the stream once nothing else is awaited. */
+  handleAllDirtyDurable(): void {
+    if (this.linkState !== 'marking' || this.marking === undefined) return; // the connection went away meanwhile
+    this.marking.dirty = false;
+    this.endMarking();
+  }
+
+  /** The pair state without a base is durable (for the connection `connection`). */
+  handleBaseDropped(connection: number): void {
+    if (this.linkState !== 'marking' || this.marking === undefined || connection !== this.connections) return;
+    this.marking.baseDrop = false;
+    this.endMarking();
+  }
+
+  private endMarking(): void {
+    const m = this.marking!;
+    if (m.dirty || m.baseDrop) return;
+    this.marking = undefined;
+    this.move('marked');
+    this.connectEngine(this.welcome!.lastAppliedUpdate, m.replicaConsistent);
   }
 
   private connectEngine(lastApplied: number, replicaConsistent: boolean): void {

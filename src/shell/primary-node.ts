@@ -545,10 +545,14 @@ export class PrimaryNode {
       case 'replicaEverSynced':
         this.persistPair({ ...this.pair, replicaEverSynced: true });
         return;
-      case 'peerHoldsGeneration':
+      case 'peerHoldsGeneration': {
         if (this.pair.generations.base !== null)
           this.persistPair({ ...this.pair, generations: dropBase(this.pair.generations) });
+        // Every pair-state write so far (this one, or one still pending) is durable: stream.
+        const { connection } = a;
+        this.ioPromise(this.pairStateWrite, () => this.session?.handleBaseDropped(connection));
         return;
+      }
       case 'handshake':
         this.lastHandshake = { decision: a.decision, atMs: now, peer: a.peer, reason: a.reason };
         return;

@@ -136,7 +136,7 @@ export class SecondaryNode {
         { regions: own.dirty.count },
         'regions this replica may hold differently (writes it made as a primary): reported to the primary',
       );
-    const applier = new Applier(storage.replica, slots, value);
+    const applier = new Applier(storage.replica, slots, value, { clock: opts.clock });
     return new SecondaryNode(applier, identity, opts, own);
   }
 

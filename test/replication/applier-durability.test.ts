@@ -12,7 +12,7 @@ import { SLOT_FILE_BYTES, SlotFile } from '../../src/io/slot-file.js';
 import { Applier, type ReplicaState } from '../../src/replication/applier.js';
 import { Prng } from '../sim/prng.js';
 import { SimDisk } from '../sim/sim-disk.js';
-import { IoQueue, SimDevice, SimFile } from '../sim/sim-io.js';
+import { IoQueue, SimDevice, SimFile, SimTime } from '../sim/sim-io.js';
 
 const SECTOR = 512;
 const SECTORS = 64;
@@ -53,7 +53,11 @@ async function runSeed(seed: number): Promise<void> {
     await settle();
   }
   const { slots, value } = opened;
-  const applier = new Applier(new SimDevice(io, 'secondary', replica, 'replica'), slots, value);
+  // Syncs wait for the delay timer, a barrier, or enough unsynced updates: time moves in steps.
+  const time = new SimTime();
+  const applier = new Applier(new SimDevice(io, 'secondary', replica, 'replica'), slots, value, {
+    clock: time.clockFor('secondary'),
+  });
   let acked = 0;
   applier.onDurable = (s) => {
     assert.ok(s.lastAppliedUpdate >= acked, 'acks only grow');
@@ -84,6 +88,8 @@ async function runSeed(seed: number): Promise<void> {
       epoch += 1;
     } else if (r < 47) {
       replica.writeback(p);
+    } else if (r < 52) {
+      time.advance(time.nowMs + 1 + p.int(4));
     } else {
       io.completeOne(p);
     }

@@ -7,6 +7,7 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import type { BlockDevice, Done } from '../../src/io/block-device.js';
+import { systemClock } from '../../src/io/clock.js';
 import { Applier, type ReplicaState } from '../../src/replication/applier.js';
 import { encodeFrame } from '../../src/replication/frames.js';
 import type { Generations } from '../../src/replication/generations.js';
@@ -53,7 +54,15 @@ const GEN: Generations = { current: '00000000000000a1', base: null, history: [],
 describe('the replica consistency the primary reports', () => {
   it('an ack says consistent only once the resync end mark is durable (the applier)', async () => {
     const store = new SlowStore();
-    const applier = new Applier(device, store, { lastAppliedUpdate: 4, consistent: true, generations: GEN });
+    const applier = new Applier(
+      device,
+      store,
+      { lastAppliedUpdate: 4, consistent: true, generations: GEN },
+      {
+        clock: systemClock,
+        syncDelayMs: 0,
+      },
+    );
     const acks: ReplicaState[] = [];
     applier.onDurable = (s) => {
       // The consistency mark and generation acked are recorded already; the applied id may trail.
@@ -118,6 +127,17 @@ describe('the replica consistency the primary reports', () => {
       for (let a = s.pollAction(); a !== undefined; a = s.pollAction()) out.push(a);
       return out;
     };
+    // The replica holds this side's generation: nothing is streamed before the dropped base is durable.
+    const welcomed = actions();
+    const holds = welcomed.find((a) => a.type === 'peerHoldsGeneration');
+    assert.ok(holds !== undefined && holds.type === 'peerHoldsGeneration');
+    assert.ok(
+      !welcomed.some((a) => a.type === 'engineConnected'),
+      'not streaming before the base drop is durable',
+    );
+    s.handleBaseDropped(holds.connection + 1);
+    assert.ok(!actions().some((a) => a.type === 'engineConnected'), 'a stale connection number is ignored');
+    s.handleBaseDropped(holds.connection);
     assert.ok(actions().some((a) => a.type === 'engineConnected'));
     assert.equal(s.status().replicaConsistent, true, 'as the welcome says');
     s.sendResyncBegin();

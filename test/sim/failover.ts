@@ -92,6 +92,8 @@ export class FailoverSim {
   private clientBusy = true;
   private generationIds = 0;
   private writeTag = 0;
+  /** Which site wrote each tag, and to which region. */
+  private readonly writes = new Map<number, { site: Site; region: number }>();
   private readonly traceLines: string[] = [];
   private failure: SimFailure | undefined;
   private readonly judged = new WeakSet<object>();
@@ -391,8 +393,10 @@ export class FailoverSim {
     const tag = ++this.writeTag;
     const data = Buffer.alloc(REGION, tag & 0xff);
     data.writeUInt32BE(tag, 0);
-    const apart = node.status().link?.state !== 'streaming';
+    const link = node.status().link?.state;
+    const apart = link !== 'streaming' && link !== 'marking';
     if (apart) site.attempted.add(tag);
+    this.writes.set(tag, { site, region });
     const incarnation = site.incarnation;
     node.submit([{ offset: region * REGION, kind: 'data', length: REGION, data: [data] }], {}, (err) => {
       if (err || incarnation !== site.incarnation) return;
@@ -425,13 +429,23 @@ export class FailoverSim {
     return Buffer.compare(x.volume.view(r * REGION, REGION), y.volume.view(r * REGION, REGION)) !== 0;
   }
 
-  /** Regions where `site` holds a kept write its peer never held (model/gen_model.py's truths). */
+  /**
+   * Regions where `site` holds a kept write its peer never held and that no later write of its
+   * own to the region, which the peer did hold, supersedes (model/gen_model.py's truths: a newer
+   * write by a node that had seen w supersedes w). A power loss can take the newer write's bytes
+   * from `site` after it was replicated and leave the older one there.
+   */
   private keptOnly(site: Site): number[] {
     const other = this.sites.find((x) => x !== site)!;
     const out: number[] = [];
     for (let r = 0; r < REGIONS; r++) {
       const t = this.tag(site, r);
-      if (t !== this.tag(other, r) && site.kept.has(t) && !other.seen.has(t)) out.push(r);
+      if (t === this.tag(other, r) || !site.kept.has(t) || other.seen.has(t)) continue;
+      const superseded = [...other.seen].some((u) => {
+        const w = this.writes.get(u);
+        return u > t && w !== undefined && w.site === site && w.region === r;
+      });
+      if (!superseded) out.push(r);
     }
     return out;
   }
@@ -460,6 +474,12 @@ export class FailoverSim {
       this.judged.add(h);
       const p = this.sites.find((x) => x !== s)!;
       this.decisions[h.decision] = (this.decisions[h.decision] ?? 0) + 1;
+      // The primary began a generation after its hello (a write apart while the handshake was on
+      // the wire): it drops this handshake itself, and the next hello is judged instead.
+      if (p.node instanceof PrimaryNode && p.node.status().generations.current !== h.peer?.current) {
+        this.trace(`handshake ${p.name}→${s.name}: ${h.decision} on a hello ${p.name} has moved on from`);
+        continue;
+      }
       const lostS = this.keptOnly(s);
       const lostP = this.keptOnly(p);
       this.trace(

@@ -112,6 +112,13 @@ export const MUTANTS: Mutant[] = [
     replace: '    if (this.syncMode && this.connected && afterId > this.ackedId && false)',
   },
   {
+    name: 'sync-delay-never-fires',
+    what: 'the secondary leaves a small batch unsynced when nothing asks for it (the delay timer is never armed)',
+    file: 'src/replication/applier.ts',
+    find: '    this.syncTimer ??= this.opts.clock.setTimer(',
+    replace: '    if (Math.random() < 2) return;\n    this.syncTimer ??= this.opts.clock.setTimer(',
+  },
+  {
     name: 'written-before-write',
     what: 'the secondary reports an update written as soon as it arrives',
     file: 'src/replication/applier.ts',

@@ -28,6 +28,8 @@ export interface ClientWrite {
   epochAtIssue: number;
   /** Sync mode: the connection it was issued and completed in (-1: it spanned a link drop, degraded). */
   epochSynced: number;
+  /** Secondary power losses before it was issued (one since voids sync mode's "written" promise). */
+  secondaryLossesAtIssue: number;
 }
 
 export interface Barrier {
@@ -94,6 +96,7 @@ export class Workload {
   outstanding = 0;
   submitted = 0;
   private readonly powerLossSteps: number[] = [];
+  private secondaryLosses = 0;
   /** A request failed: the node reported an error to its client (never expected here). */
   error: Error | undefined;
   private seq = 0;
@@ -117,6 +120,7 @@ export class Workload {
 
   /** The secondary lost power: what was only written there (not synced) may be gone. */
   secondaryPowerLost(): void {
+    this.secondaryLosses += 1;
     this.replicaWritten = new Array(this.sectors).fill(undefined);
     this.requirementsVersion += 1;
   }
@@ -218,6 +222,7 @@ export class Workload {
         completeStep: -1,
         epochAtIssue: epoch(),
         epochSynced: -1,
+        secondaryLossesAtIssue: this.secondaryLosses,
       };
       writes.push(w);
       this.writes.set(w.seq, w);
@@ -253,10 +258,12 @@ export class Workload {
         if (w.fua) raise(this.primaryDurable, s, req);
         // Sync mode: complete means written on the replica, and durable there with FUA — for a
         // write that stayed within one connection (one that spans a link drop completes
-        // locally, degraded, by design).
+        // locally, degraded, by design). A completion after the secondary lost power (the link
+        // not yet known dead) rests on a "written" sent before the loss: void, as the README says.
         if (this.syncMode && epochNow > 0 && epochNow === w.epochAtIssue) {
           w.epochSynced = epochNow;
-          raise(w.fua ? this.replicaDurable : this.replicaWritten, s, req);
+          if (w.fua) raise(this.replicaDurable, s, req);
+          else if (w.secondaryLossesAtIssue === this.secondaryLosses) raise(this.replicaWritten, s, req);
         }
       }
     }
