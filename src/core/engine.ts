@@ -130,7 +130,10 @@ export function logCapacityMin(txWritesMax = TX_WRITES_MAX): number {
 
 /** What crash recovery found (src/log/recovery.ts builds it). */
 export interface RecoveredState {
-  /** Indicator bytes: the persisted bitmap plus every location of an incomplete transaction. */
+  /**
+   * Indicator bytes: the persisted bitmap plus every location of an incomplete transaction. The
+   * engine takes them over as its map (no copy): nothing else may use them afterwards.
+   */
   dirty: Uint8Array;
   /** Above every update id ever issued (H14). */
   idLimit: number;
@@ -383,7 +386,10 @@ export class Engine {
     this.volumeWritesDurable = config.volumeWritesDurable ?? false;
     this.syncMode = config.syncMode ?? false;
     this.regionCount = Math.ceil(config.volumeSize / config.regionSize);
-    this.indicator = new IndicatorMap(this.regionCount);
+    // The recovered bits become the map (one bit per region is 30 MiB for 15 TiB: no copy).
+    this.indicator = recovered
+      ? IndicatorMap.adopt(this.regionCount, recovered.dirty)
+      : new IndicatorMap(this.regionCount);
     const idLimit = recovered ? recovered.idLimit : 1;
     assert.ok(Number.isSafeInteger(idLimit) && idLimit >= 1);
     this.nextId = idLimit;
@@ -402,7 +408,6 @@ export class Engine {
     this.syncWanted = head;
     this.bitmapCoveredLsn = tail;
     if (recovered) {
-      this.indicator.load(recovered.dirty);
       // The old records stay needed until a bitmap holding what they say is persisted.
       if (head > tail) this.txQueue.push({ lsn: tail, endLsn: head, live: 0, done: false });
       // Recovered dirty regions have no update in flight: only a resync can clean them.

@@ -1,6 +1,9 @@
-/** A FIFO queue over an array with a moving head: O(1) push and shift, compacted lazily. */
+/**
+ * A FIFO queue over an array with a moving head: O(1) push and shift, compacted lazily. A
+ * shifted slot lets go of its item at once (an action can hold a 30 MiB bitmap snapshot).
+ */
 export class Queue<T> {
-  private items: T[] = [];
+  private items: (T | undefined)[] = [];
   private head = 0;
 
   get length(): number {
@@ -18,7 +21,13 @@ export class Queue<T> {
   shift(): T | undefined {
     if (this.head >= this.items.length) return undefined;
     const item = this.items[this.head];
+    this.items[this.head] = undefined;
     this.head += 1;
+    if (this.head === this.items.length) {
+      this.items.length = 0;
+      this.head = 0;
+      return item;
+    }
     // Compact once the dead prefix is half the array, so memory follows the live length.
     if (this.head > 1024 && this.head * 2 > this.items.length) {
       this.items = this.items.slice(this.head);
@@ -33,6 +42,6 @@ export class Queue<T> {
   }
 
   *[Symbol.iterator](): Generator<T> {
-    for (let i = this.head; i < this.items.length; i++) yield this.items[i];
+    for (let i = this.head; i < this.items.length; i++) yield this.items[i] as T;
   }
 }
