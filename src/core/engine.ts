@@ -28,7 +28,7 @@
  */
 import assert from 'node:assert/strict';
 import { VolrepError } from '../errors.js';
-import { IndicatorMap } from './indicator-map.js';
+import { type FrozenBits, IndicatorMap } from './indicator-map.js';
 import { Queue } from './queue.js';
 import {
   beginRecordBytes,
@@ -67,7 +67,7 @@ export const LOG_RESYNC_RESERVE_BYTES = RESERVE_RECORD_BYTES * 4;
 /**
  * Pinned (dirty) window entries beyond the window size that trigger a checkpoint (I6: while
  * the secondary is away, written regions stay dirty and pinned; a checkpoint unpins them).
- * Not smaller: each checkpoint copies the whole bitmap (32 MiB for 16 TiB in 64 KiB regions).
+ * Not smaller: each checkpoint writes the whole bitmap (32 MiB for 16 TiB in 64 KiB regions).
  */
 export const WINDOW_PINNED_MAX = 65536;
 /** While clean regions wait on a volume sync to leave the window, ask for one at least this often. */
@@ -176,7 +176,7 @@ export type Action =
   /** A FLUSH is done: every write completed before it is durable on the volume. */
   | { type: 'flushed'; flushId: number }
   /** Write the bitmap atomically; then call handleBitmapPersisted(checkpointId). */
-  | { type: 'persistBitmap'; checkpointId: number; bitmap: Uint8Array; coveredLsn: number; idLimit: number }
+  | { type: 'persistBitmap'; checkpointId: number; bitmap: FrozenBits; coveredLsn: number; idLimit: number }
   /** Records before `upToLsn` are no longer needed; the log may reuse their space. */
   | { type: 'freeLog'; upToLsn: number; idLimit: number }
   /** The secondary did not ack in time: drop the connection (then call handleDisconnected). */
@@ -1179,14 +1179,13 @@ export class Engine {
     for (const tx of this.txQueue) tx.live = 0;
     // A clean region whose volume writes may not be durable yet is dirty for the bitmap: a
     // power loss could take them back off the volume while the replica keeps them.
-    const bitmap = this.indicator.snapshot();
-    for (const set of [this.volumeUnsynced, this.volumeSyncing]) {
-      if (set !== null) for (const r of set) bitmap[r >>> 3] |= 1 << (r & 7);
-    }
+    // The map as it is now, read piece by piece while it goes on changing (no 30 MiB snapshot).
+    const extra: number[] = [];
+    for (const set of [this.volumeUnsynced, this.volumeSyncing]) if (set !== null) extra.push(...set);
     this.emit({
       type: 'persistBitmap',
       checkpointId: cp.id,
-      bitmap,
+      bitmap: this.indicator.freeze(extra),
       coveredLsn: cp.coveredLsn,
       idLimit: cp.idLimit,
     });

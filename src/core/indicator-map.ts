@@ -8,6 +8,9 @@ const WORD_BITS = 32;
 // host that is exactly the memory layout of the Uint32Array, so snapshots are plain copies.
 assert.ok(new Uint8Array(new Uint32Array([1]).buffer)[0] === 1, 'volrep needs a little-endian host');
 
+/** Words per piece of a frozen image: 64 KiB of bits, 524,288 regions. */
+export const FROZEN_PIECE_WORDS = 16384;
+
 /** Number of set bits in a 32-bit word. */
 function popcount32(x: number): number {
   let v = x - ((x >>> 1) & 0x55555555);
@@ -22,6 +25,8 @@ function popcount32(x: number): number {
 export class IndicatorMap {
   readonly regionCount: number;
   private readonly words: Uint32Array;
+  /** The image being handed out piece by piece, if any: changes copy its pieces first. */
+  private frozen: FrozenBits | null = null;
   private setCount = 0;
 
   /** `words`: bits to take over (the map then owns them), else all clean. */
@@ -72,8 +77,23 @@ export class IndicatorMap {
     return ((this.words[region >>> 5] >>> (region & 31)) & 1) === 1;
   }
 
+  /**
+   * The bits as they are now, with `extra` regions set too, to be read piece by piece while the
+   * map goes on changing (a checkpoint persists them: one bit per region is 30 MiB for 15 TiB,
+   * and a copy of all of it per checkpoint is what this avoids). One at a time; release it.
+   */
+  freeze(extra: Iterable<number>): FrozenBits {
+    assert.ok(this.frozen === null, 'one frozen image at a time');
+    const frozen = new FrozenBits(this.words, [...extra], () => {
+      if (this.frozen === frozen) this.frozen = null;
+    });
+    this.frozen = frozen;
+    return frozen;
+  }
+
   /** Sets every bit (a full sync: everything may differ). */
   setAll(): void {
+    this.frozen?.preserve(0, this.words.length);
     this.words.fill(0xffffffff);
     const tail = this.regionCount % WORD_BITS;
     if (tail !== 0) this.words[this.words.length - 1] = 2 ** tail - 1;
@@ -87,6 +107,7 @@ export class IndicatorMap {
     const bit = 1 << (region & 31);
     const was = (this.words[w] & bit) !== 0;
     if (!was) {
+      this.frozen?.preserve(w, w + 1);
       this.words[w] |= bit;
       this.setCount += 1;
     }
@@ -100,6 +121,7 @@ export class IndicatorMap {
     const bit = 1 << (region & 31);
     const was = (this.words[w] & bit) !== 0;
     if (was) {
+      this.frozen?.preserve(w, w + 1);
       this.words[w] &= ~bit;
       this.setCount -= 1;
     }
@@ -143,6 +165,7 @@ export class IndicatorMap {
       );
     }
     const view = new Uint8Array(this.words.buffer, this.words.byteOffset, this.words.byteLength);
+    this.frozen?.preserve(0, this.words.length);
     if (view.buffer !== bytes.buffer || view.byteOffset !== bytes.byteOffset) view.set(bytes);
     const tailBits = this.regionCount % WORD_BITS;
     if (tailBits !== 0 && this.words[this.words.length - 1] >>> tailBits !== 0) {
@@ -158,6 +181,7 @@ export class IndicatorMap {
   /** Sets every bit that is set in `bytes` (a snapshot of the same size). */
   union(bytes: Uint8Array): void {
     const other = IndicatorMap.fromBytes(this.regionCount, bytes);
+    this.frozen?.preserve(0, this.words.length);
     for (let i = 0; i < this.words.length; i++) {
       const add = other.words[i] & ~this.words[i];
       if (add !== 0) {
@@ -172,5 +196,72 @@ export class IndicatorMap {
       Number.isInteger(region) && region >= 0 && region < this.regionCount,
       `region ${region} out of range`,
     );
+  }
+}
+
+/**
+ * An IndicatorMap's bits as they were at its freeze() (plus the extra regions given then), handed
+ * out one piece at a time while the map changes: a piece the map changes before it was handed out
+ * is copied first (copy-on-write), so only changed pieces cost memory.
+ */
+export class FrozenBits {
+  readonly byteLength: number;
+  readonly pieceCount: number;
+  /** Pieces the map changed since the freeze, as they were then. */
+  private readonly saved = new Map<number, Uint32Array>();
+  /** Pieces below this one were handed out: the map may change them freely. */
+  private nextPiece = 0;
+  private released = false;
+
+  constructor(
+    private readonly words: Uint32Array,
+    private readonly extra: readonly number[],
+    private readonly onRelease: () => void,
+  ) {
+    this.byteLength = words.byteLength;
+    this.pieceCount = Math.ceil(words.length / FROZEN_PIECE_WORDS);
+  }
+
+  /** The map is about to change words [from, to): keep the pieces not handed out yet as they are. */
+  preserve(from: number, to: number): void {
+    const last = Math.floor((to - 1) / FROZEN_PIECE_WORDS);
+    for (let p = Math.max(this.nextPiece, Math.floor(from / FROZEN_PIECE_WORDS)); p <= last; p++) {
+      if (!this.saved.has(p))
+        this.saved.set(p, this.words.slice(p * FROZEN_PIECE_WORDS, (p + 1) * FROZEN_PIECE_WORDS));
+    }
+  }
+
+  /** The next piece's bytes as at the freeze, in a buffer of its own (safe to write out while the map changes). */
+  take(): Uint8Array {
+    assert.ok(!this.released && this.nextPiece < this.pieceCount, 'no piece left');
+    const p = this.nextPiece;
+    const first = p * FROZEN_PIECE_WORDS;
+    const piece = this.saved.get(p) ?? this.words.slice(first, first + FROZEN_PIECE_WORDS);
+    this.saved.delete(p);
+    this.nextPiece += 1;
+    for (const r of this.extra) {
+      const w = r >>> 5;
+      if (w >= first && w < first + piece.length) piece[w - first] |= 1 << (r & 31);
+    }
+    return new Uint8Array(piece.buffer, piece.byteOffset, piece.byteLength);
+  }
+
+  /** The rest of the image in one buffer, then released (where one copy is no cost: small maps, tests). */
+  readAll(): Uint8Array {
+    const out = new Uint8Array(this.byteLength);
+    for (let at = this.nextPiece * FROZEN_PIECE_WORDS * 4; this.nextPiece < this.pieceCount; ) {
+      const piece = this.take();
+      out.set(piece, at);
+      at += piece.length;
+    }
+    this.release();
+    return out;
+  }
+
+  /** Done with it (persisted, or given up): the map stops copying. */
+  release(): void {
+    this.released = true;
+    this.saved.clear();
+    this.onRelease();
   }
 }

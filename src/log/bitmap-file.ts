@@ -15,7 +15,7 @@
  *                32 covered lsn  40 id limit  48 bitmap bytes  56 bitmap crc32c  60 header crc32c
  */
 import { crc32c } from '@node-rs/crc32';
-import { IndicatorMap } from '../core/indicator-map.js';
+import { type FrozenBits, IndicatorMap } from '../core/indicator-map.js';
 import { VolrepError } from '../errors.js';
 import type { BlockFile } from '../io/block-file.js';
 
@@ -129,20 +129,38 @@ export class BitmapFile {
   }
 
   /** Writes the bitmap to the other slot and syncs it. */
-  async persist(bits: Uint8Array, coveredLsn: number, idLimit: number): Promise<void> {
+  /** `bits`: a snapshot, or a map's frozen image (written piece by piece; released by the caller). */
+  async persist(bits: Uint8Array | FrozenBits, coveredLsn: number, idLimit: number): Promise<void> {
     await this.writeSlot(bits, coveredLsn, idLimit);
     await this.sync();
   }
 
   /** First half of persist (for simulations that crash in between): the slot, unsynced. */
-  async writeSlot(bits: Uint8Array, coveredLsn: number, idLimit: number): Promise<void> {
-    if (bits.length !== IndicatorMap.byteLength(this.regionCount)) {
+  async writeSlot(bits: Uint8Array | FrozenBits, coveredLsn: number, idLimit: number): Promise<void> {
+    if (bits.byteLength !== IndicatorMap.byteLength(this.regionCount)) {
       throw new VolrepError(
         'VOLREP_ERR_BITMAP_SIZE',
-        `bitmap of ${bits.length} bytes for ${this.regionCount} regions`,
+        `bitmap of ${bits.byteLength} bytes for ${this.regionCount} regions`,
       );
     }
     const seq = this.seq + 1;
+    const slot = 1 - this.latestSlot;
+    this.seq = seq;
+    // The bits first, then the header that vouches for them (with their checksum).
+    const bitsAt = slot * this.slotBytes + BITMAP_SLOT_HEADER_BYTES;
+    let bitsCrc: number;
+    if (bits instanceof Uint8Array) {
+      bitsCrc = crc32c(bits);
+      await this.file.write(bitsAt, bits);
+    } else {
+      bitsCrc = 0;
+      for (let at = 0, p = 0; p < bits.pieceCount; p++) {
+        const piece = bits.take();
+        bitsCrc = crc32c(piece, bitsCrc);
+        await this.file.write(bitsAt + at, piece);
+        at += piece.length;
+      }
+    }
     const header = new Uint8Array(BITMAP_SLOT_HEADER_BYTES);
     const view = new DataView(header.buffer);
     header.set(Buffer.from(BITMAP_MAGIC, 'latin1'), 0);
@@ -151,12 +169,9 @@ export class BitmapFile {
     view.setBigUint64(24, BigInt(this.regionCount), true);
     view.setBigUint64(32, BigInt(coveredLsn), true);
     view.setBigUint64(40, BigInt(idLimit), true);
-    view.setBigUint64(48, BigInt(bits.length), true);
-    view.setUint32(56, crc32c(bits), true);
+    view.setBigUint64(48, BigInt(bits.byteLength), true);
+    view.setUint32(56, bitsCrc, true);
     view.setUint32(HEADER_FIELDS_BYTES, crc32c(header.subarray(0, HEADER_FIELDS_BYTES)), true);
-    const slot = 1 - this.latestSlot;
-    this.seq = seq;
-    await this.file.write(slot * this.slotBytes + BITMAP_SLOT_HEADER_BYTES, bits);
     await this.file.write(slot * this.slotBytes, header);
     // From here this slot is the latest once synced; until then the other one stays intact
     // only if the next write goes here again, so switch only after the sync.

@@ -451,8 +451,9 @@ export class PrimaryNode {
       }
       case 'persistBitmap':
         this.counters.bitmapPersists++;
-        this.ioPromise(this.bitmap.persist(a.bitmap, a.coveredLsn, a.idLimit), () =>
-          this.engine.handleBitmapPersisted(a.checkpointId, now()),
+        this.ioPromise(
+          this.bitmap.persist(a.bitmap, a.coveredLsn, a.idLimit).finally(() => a.bitmap.release()),
+          () => this.engine.handleBitmapPersisted(a.checkpointId, now()),
         );
         return;
       case 'syncVolume':

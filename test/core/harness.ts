@@ -428,7 +428,7 @@ export class World {
       }
       case 'persistBitmap': {
         assert.equal(this.bitmapPending, null, 'one bitmap persist at a time');
-        const map = IndicatorMap.fromBytes(this.regionCount, a.bitmap);
+        const map = IndicatorMap.fromBytes(this.regionCount, a.bitmap.readAll());
         this.bitmapPending = {
           checkpointId: a.checkpointId,
           bits: new Set(map.iterate()),
