@@ -6,11 +6,13 @@
  * except at a barrier (a client's FLUSH or FUA write, a resync mark) or when the primary's
  * in-flight window fills, so once the applier has caught up it syncs at once only when a barrier
  * or enough unsynced data asks for it, and otherwise within SYNC_DELAY_MS: at one write in
- * flight that is one sync per many writes, not one per write. The record of that id (the replica-state file)
- * follows in the background, one write at a time, always for an id whose data was synced first:
- * it may lag the data, never run ahead of it (H14); a lagging record only makes a restarted
- * replica report an older id than it holds (the primary keeps the higher one it was acked). So a
- * batch costs one fdatasync on the critical path, not two. A change of consistency or generation is recorded before it is acked. A barrier (the
+ * flight that is one sync per many writes, not one per write.
+ *
+ * The record of that id (the replica-state file) follows in the background, one write at a time,
+ * always for an id whose data was synced first: it may lag the data, never run ahead of it (H14);
+ * a lagging record only makes a restarted replica report an older id than it holds (the primary
+ * keeps the higher one it was acked). So a batch costs one fdatasync on the critical path, not
+ * two. A change of consistency or generation is recorded before it is acked. A barrier (the
  * primary's FLUSH) is a sync point: nothing after it is written before everything before it is
  * durable (H13). During a resync the replica is durably marked inconsistent before the first
  * resync byte lands, and consistent again only after the last one is durable.
@@ -39,7 +41,10 @@ export interface ReplicaStateStore {
  * client: FLUSH and FUA reach the applier as barriers, which sync at once.
  */
 export const SYNC_DELAY_MS = 5;
-/** Unsynced bytes or updates at which the applier syncs without waiting (the primary's window and a resync wait on the acks). */
+/**
+ * Unsynced bytes or updates at which the applier syncs without waiting: the primary's window and
+ * a resync wait on the acks. Bytes: at most a quarter of the primary's window (told in its hello).
+ */
 export const SYNC_NOW_BYTES = 1024 * 1024;
 export const SYNC_NOW_UPDATES = 64;
 
@@ -80,6 +85,7 @@ export class Applier {
   private unsyncedUpdates = 0;
   private syncTimer: Timer | undefined;
   private readonly syncDelayMs: number;
+  private syncNowBytes = SYNC_NOW_BYTES;
   private failure: Error | undefined;
   private idleWaiters: (() => void)[] = [];
   /** Called each time the durable state changes (the shell acks it to the primary). */
@@ -180,6 +186,14 @@ export class Applier {
     return this.whenIdle();
   }
 
+  /** The current primary's in-flight window (undefined: it did not say): never let it fill up unsynced. */
+  peerWindow(windowBytes: number | undefined): void {
+    this.syncNowBytes = Math.min(
+      SYNC_NOW_BYTES,
+      Math.max(1, Math.floor((windowBytes ?? SYNC_NOW_BYTES) / 4)),
+    );
+  }
+
   /** Resolves when everything accepted so far is applied and durable (or the applier failed). */
   whenIdle(): Promise<void> {
     if (this.isIdle()) return Promise.resolve();
@@ -256,7 +270,7 @@ export class Applier {
    */
   private syncSoon(now: boolean): void {
     if (this.synced()) return;
-    const large = this.unsyncedBytes >= SYNC_NOW_BYTES || this.unsyncedUpdates >= SYNC_NOW_UPDATES;
+    const large = this.unsyncedBytes >= this.syncNowBytes || this.unsyncedUpdates >= SYNC_NOW_UPDATES;
     if (now || large || this.syncDelayMs === 0) {
       this.requestSync();
       return;

@@ -22,6 +22,8 @@ export interface Hello {
   generations: Generations;
   /** Sync mode: the primary wants `written` frames (its writes complete once the replica wrote them). */
   syncMode?: boolean;
+  /** The primary's in-flight window in bytes: it waits on acks once that much is unacked. */
+  windowBytes?: number;
 }
 
 export interface Welcome {
@@ -144,9 +146,18 @@ export function decodeMessage(frame: RawFrame): Message | { type: 'invalid'; rea
       if (generations === undefined || generations.current === null) return invalid('bad generations');
       if (v.syncMode !== undefined && typeof v.syncMode !== 'boolean')
         return invalid('syncMode is not a boolean');
+      const windowBytes = v.windowBytes;
+      if (windowBytes !== undefined && !(Number.isSafeInteger(windowBytes) && (windowBytes as number) > 0))
+        return invalid('windowBytes is not a positive integer');
       return {
         type: 'hello',
-        hello: { ...common, role: 'primary', generations, ...(v.syncMode === true && { syncMode: true }) },
+        hello: {
+          ...common,
+          role: 'primary',
+          generations,
+          ...(v.syncMode === true && { syncMode: true }),
+          ...(windowBytes !== undefined && { windowBytes: windowBytes as number }),
+        },
       };
     }
     case 'welcome': {

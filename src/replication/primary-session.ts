@@ -147,6 +147,8 @@ export interface PrimarySessionOptions {
   silenceMsMax?: number;
   /** Sync mode: ask the secondary for `written` frames (engineWritten). */
   syncMode?: boolean;
+  /** The engine's in-flight window, told to the secondary (it syncs before that much is unacked). */
+  windowBytes?: number;
 }
 
 export interface PrimarySessionStatus {
@@ -264,6 +266,7 @@ export class PrimarySession {
         role: 'primary',
         generations: this.helloGenerations,
         ...(this.opts.syncMode === true && { syncMode: true }),
+        ...(this.opts.windowBytes !== undefined && { windowBytes: this.opts.windowBytes }),
       }),
     ]);
   }

@@ -70,7 +70,7 @@ export type SecondarySessionAction =
   /** The generations decided against this primary (nothing was written): report it. */
   | { type: 'handshakeRefused'; decision: HandshakeDecision; peer: Generations; reason: string }
   /** The generations decided for this primary. */
-  | { type: 'handshakeAccepted'; decision: HandshakeDecision; peer: Generations }
+  | { type: 'handshakeAccepted'; decision: HandshakeDecision; peer: Generations; windowBytes?: number }
   /**
    * Record durably that the replica takes the primary's generation and is inconsistent (a resync
    * begins), then call handleSettled again.
@@ -185,7 +185,12 @@ export class SecondarySession {
     const welcome: Welcome = { ...this.replica, role: 'secondary', ...state, dirtyRegions: dirty.count };
     this.lastAckSent = { ...state };
     this.send('welcome', [encodeJson(welcome)]);
-    this.emit({ type: 'handshakeAccepted', decision, peer: hello.generations });
+    this.emit({
+      type: 'handshakeAccepted',
+      decision,
+      peer: hello.generations,
+      windowBytes: hello.windowBytes,
+    });
     this.log('info', 'primary connected', {
       lastAppliedUpdate: state.lastAppliedUpdate,
       consistent: state.consistent,

@@ -182,6 +182,7 @@ export class PrimaryNode {
         generations: () => this.pair.generations,
         silenceMsMax: engine.config.ackTimeoutMs,
         syncMode: engine.config.syncMode === true,
+        windowBytes: engine.config.inflightBytesMax,
       });
     }
   }

@@ -306,6 +306,7 @@ export class SecondaryNode {
         return;
       case 'handshakeAccepted':
         this.lastHandshake = { decision: a.decision, atMs: this.opts.clock.now(), peer: a.peer };
+        this.applier.peerWindow(a.windowBytes);
         return;
     }
   }
