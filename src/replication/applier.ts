@@ -188,10 +188,10 @@ export class Applier {
 
   /** The current primary's in-flight window (undefined: it did not say): never let it fill up unsynced. */
   peerWindow(windowBytes: number | undefined): void {
-    this.syncNowBytes = Math.min(
-      SYNC_NOW_BYTES,
-      Math.max(1, Math.floor((windowBytes ?? SYNC_NOW_BYTES) / 4)),
-    );
+    this.syncNowBytes =
+      windowBytes === undefined
+        ? SYNC_NOW_BYTES
+        : Math.min(SYNC_NOW_BYTES, Math.max(1, Math.floor(windowBytes / 4)));
   }
 
   /** Resolves when everything accepted so far is applied and durable (or the applier failed). */

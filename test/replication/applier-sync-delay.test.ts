@@ -6,29 +6,21 @@
  */
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
-import type { BlockDevice, Done } from '../../src/io/block-device.js';
 import { ChunkQueue } from '../../src/io/chunk-queue.js';
 import { Applier, type ReplicaState, SYNC_DELAY_MS } from '../../src/replication/applier.js';
 import { encodeFrame, FrameDecoder } from '../../src/replication/frames.js';
 import { decodeMessage, encodeJson } from '../../src/replication/messages.js';
 import { SimTime } from '../sim/sim-io.js';
+import { instantDevice } from './instant-device.js';
 
 const GEN = { current: '00000000000000a1', base: null, history: [], resync: null };
 
 function setup() {
   let syncs = 0;
-  const device: BlockDevice = {
-    size: 1 << 20,
-    readOnly: false,
-    read: (_o, _l, _b, _a, done: Done) => done(null),
-    write: (_o, _d, _l, _f, done: Done) => done(null),
-    writeZeroes: (_o, _l, _f, done: Done) => done(null),
-    trim: (_o, _l, _f, done: Done) => done(null),
-    flush: (done: Done) => {
-      syncs += 1;
-      done(null);
-    },
-  };
+  const device = instantDevice((done) => {
+    syncs += 1;
+    done(null);
+  });
   const time = new SimTime();
   const applier = new Applier(
     device,
@@ -88,6 +80,15 @@ describe('when the secondary syncs', () => {
     await settle();
     assert.equal(syncs(), 1, '16 KiB: a quarter of the window');
     assert.equal(acks.at(-1)?.lastAppliedUpdate, 4);
+  });
+
+  it('a primary that does not say its window gets the default threshold back', async () => {
+    const { applier, write, syncs } = setup();
+    applier.peerWindow(64 * 1024);
+    applier.peerWindow(undefined);
+    for (let i = 0; i < 8; i++) write(65536);
+    await settle();
+    assert.equal(syncs(), 0, '512 KiB is below 1 MiB: it waits for the delay');
   });
 
   it('a waiter syncs at once', async () => {

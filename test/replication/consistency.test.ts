@@ -6,24 +6,16 @@
  */
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
-import type { BlockDevice, Done } from '../../src/io/block-device.js';
 import { systemClock } from '../../src/io/clock.js';
 import { Applier, type ReplicaState } from '../../src/replication/applier.js';
 import { encodeFrame } from '../../src/replication/frames.js';
 import type { Generations } from '../../src/replication/generations.js';
 import { encodeAck, encodeJson } from '../../src/replication/messages.js';
 import { PrimarySession } from '../../src/replication/primary-session.js';
+import { instantDevice } from './instant-device.js';
 
 /** A device that completes everything at once (durability is the store's business here). */
-const device: BlockDevice = {
-  size: 1 << 20,
-  readOnly: false,
-  read: (_o, _l, _b, _a, done: Done) => done(null),
-  write: (_o, _d, _l, _f, done: Done) => done(null),
-  writeZeroes: (_o, _l, _f, done: Done) => done(null),
-  trim: (_o, _l, _f, done: Done) => done(null),
-  flush: (done: Done) => setImmediate(() => done(null)),
-};
+const device = instantDevice((done) => setImmediate(() => done(null)));
 
 /** A state store whose writes finish when the test says so; it records what is durable. */
 class SlowStore {
