@@ -375,6 +375,11 @@ export class Engine {
   private resyncOps = 0;
   /** A resync mark went out on this connection; its end mark goes once the replica caught up. */
   private resyncEndPending = false;
+  /**
+   * Transactions with a smaller id were submitted before this connection (made apart, DESIGN.md
+   * §7): the resync-end mark waits until all of them are admitted, so that it covers them.
+   */
+  private connectedAtTxId = 0;
   /** The checkpoint id whose completion makes a markAllDirty() durable (0: none asked). */
   private allDirtyCheckpoint = 0;
   private readonly syncMode: boolean;
@@ -664,7 +669,10 @@ export class Engine {
     this.ackedId = Math.max(this.ackedId, Math.min(lastAppliedId, this.lastSentId));
     this.resyncing = true;
     this.resyncCursor = 0;
-    if (this.indicator.count > 0 || !replicaConsistent) {
+    this.connectedAtTxId = this.nextTxId;
+    // A transaction still waiting for admission was made apart, and its regions are not dirty yet:
+    // the replica is not a state this side had until it holds that too.
+    if (this.indicator.count > 0 || !replicaConsistent || this.admitQueue.length > 0) {
       // First on the connection, before any update: the replica is inconsistent from here on.
       this.emit({ type: 'sendResyncBegin' });
       this.resyncEndPending = true;
@@ -800,11 +808,13 @@ export class Engine {
 
   /**
    * Whether the replica, once it applies everything sent so far, is a state the volume really
-   * had: connected, the resync pass done, and every dirty region dirty only because of updates
-   * already on their way in order. O(updates in flight), never O(regions).
+   * had: connected, the resync pass done, every transaction submitted before the connection
+   * admitted, and every dirty region dirty only because of updates already on their way in
+   * order. O(updates in flight), never O(regions).
    */
   replicaCaughtUp(): boolean {
     if (!this.connected || this.resyncing || this.resyncRetry.size > 0) return false;
+    if ((this.admitQueue.peek()?.id ?? this.nextTxId) < this.connectedAtTxId) return false;
     let inFlight = 0;
     for (const entry of this.pending.values()) {
       if (entry.stale) return false;

@@ -323,6 +323,27 @@ describe('Engine', () => {
     assert.equal(s.count('writeVolume'), 8);
   });
 
+  it('§7: the resync-end mark covers every write submitted before the connection, admitted or not', () => {
+    // Writes made apart that wait for the window when the link comes up: the replica is not a
+    // state this side had until it holds them too (failover simulator, seed 5474).
+    const s = new Shell({ ...base, inflightBytesMax: 64 * KiB });
+    s.auto.volume = false;
+    for (let i = 0; i < 8; i++) s.write(w(i * 64 * KiB, 16 * KiB));
+    assert.equal(s.engine.stats().queuedTransactions, 4);
+    s.engine.handleConnected(0, 0);
+    s.run();
+    for (let id = 1; id <= 8; id++) {
+      assert.equal(s.count('sendBarrier'), 0, `no resync end before update ${id} is issued`);
+      s.engine.handleVolumeWritten(id, 0);
+      s.run();
+      s.ackAll();
+    }
+    assert.deepEqual(
+      s.all.filter((a) => a.type === 'sendBarrier').map((a) => [a.kind, a.afterUpdateId]),
+      [['resyncEnd', 8]],
+    );
+  });
+
   it('ack timeout: persists the bitmap and asks for a disconnect', () => {
     const s = new Shell(base);
     s.engine.handleConnected(0, 0);
