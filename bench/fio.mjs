@@ -442,6 +442,14 @@ function report(samplesFile, jsonFile, resyncFile, rsyncFile) {
         ['fio IOPS over its whole run (the resync included)', String(resync.loadFioIops ?? '-')],
       ]);
     }
+    if (resync.freshSizeBytes !== undefined) {
+      out += `\nfresh pair: two ${(resync.freshSizeBytes / 2 ** 30).toLocaleString('en-US')} GiB sparse volumes made by volrep create (no --assume-clean), ${resync.freshWrites} regions written before the secondary started:\n`;
+      out += markdown([
+        ['', 'value'],
+        ['secondary serving → in sync', ms(resync.freshServingToInSyncMs)],
+        ['resync bytes (only the regions written)', mib(resync.freshResyncBytes)],
+      ]);
+    }
     out +=
       `Dirty regions on the primary before the restart: ${resync.dirtyBefore}. Both files in the page cache; ` +
       'rsync is local (no network).\n';

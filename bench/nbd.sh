@@ -554,6 +554,46 @@ say "  resync ended with fio writing; replica identical to the primary once fio 
   echo "loadFioIops=$load_iops"
 } >>"$RESYNC_KV"
 
+# --- a fresh pair born zero ----------------------------------------------------------------------
+# Two FRESH_SIZE sparse files made by `volrep create`, no --assume-clean: the primary starts, takes
+# FRESH_WRITES 64 KiB writes before the secondary is up, then the secondary starts; time from the
+# secondary serving to in sync (only the regions written are sent: both files are as created).
+FRESH_SIZE=${BENCH_FRESH_SIZE:-1T}
+FRESH_WRITES=${BENCH_FRESH_WRITES:-16}
+say ""
+say "fresh pair: two $FRESH_SIZE sparse volumes made by volrep create, $FRESH_WRITES regions written before the secondary starts"
+SIZE_ROWS=$SIZE
+SIZE=$FRESH_SIZE
+volrep_create fresh
+fresh_id=$(node -e 'console.log(JSON.parse(require("fs").readFileSync(process.argv[1], "utf8")).volumeId)' \
+  "$WORK/fresh.img.volrep/meta.json") || die "cannot read the volume id of fresh"
+volrep_create fresh-secondary --secondary-of "$fresh_id"
+SIZE=$SIZE_ROWS
+LISTEN_PORT[fresh-secondary]=$(node "$HELPER" port)
+HTTP_PORT[fresh-secondary]=$(node "$HELPER" port)
+LINK_FLAGS[fresh-secondary]="--allow-peer $(identity_of fresh)"
+start_primary fresh --peer "127.0.0.1:${LISTEN_PORT[fresh-secondary]}" --peer-fingerprint "$(identity_of fresh-secondary)"
+node "$HELPER" scatter "127.0.0.1:${NBD_PORT[fresh]}" volrep "$FRESH_WRITES" "$region_size" ||
+  die "writing $FRESH_WRITES regions to the fresh pair failed"
+start_secondary fresh-secondary
+read -r t_fresh_insync _ < <(wait_insync fresh) || die "the fresh pair did not get in sync"
+t_fresh_listening=$(log_time "$WORK/fresh-secondary.log" 'secondary serving')
+fresh_bytes=$(node "$HELPER" counter "127.0.0.1:${HTTP_PORT[fresh]}" volrep_resync_bytes_total) ||
+  die "cannot read /metrics of fresh"
+grep -q 'both volumes were created empty' "$WORK/fresh.log" || die "the fresh pair did a full sync"
+say "  in sync; replica allocated $(($(stat -c %b "$WORK/fresh-secondary.img") * 512)) bytes"
+{
+  echo "freshSizeBytes=$(stat -c %s "$WORK/fresh.img")"
+  echo "freshWrites=$FRESH_WRITES"
+  echo "freshResyncBytes=$fresh_bytes"
+  echo "freshServingToInSyncMs=$([[ $t_fresh_listening == - ]] && echo - || echo $((t_fresh_insync - t_fresh_listening)))"
+} >>"$RESYNC_KV"
+rc=0
+stop_daemon fresh || rc=$?
+((rc == 0)) || die "volrep primary fresh did not stop cleanly (exit status $rc)"
+stop_daemon fresh-secondary || rc=$?
+((rc == 0)) || die "volrep secondary fresh-secondary did not stop cleanly (exit status $rc)"
+
 # --- shut down and report -------------------------------------------------------------------------
 for name in volrep volrep-async volrep-sync volrep-async-plain volrep-small; do
   [[ -n ${PIDS[$name]:-} ]] || continue

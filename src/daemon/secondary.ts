@@ -14,6 +14,7 @@ import { type LinkSecurity, replicationListener } from '../io/tls.js';
 import { identityName } from '../security/identity.js';
 import { SecondaryNode } from '../shell/secondary-node.js';
 import { formatHostPort, type HostPort } from '../util/address.js';
+import { stillBornZero } from '../volume/born-zero.js';
 import { FileDevice } from '../volume/file-device.js';
 import { becomeSecondary, discardLocalChanges } from '../volume/roles.js';
 import {
@@ -132,7 +133,12 @@ export async function startSecondary(opts: SecondaryOptions): Promise<RunningSec
       SecondaryNode.open(
         { replica: new FileDevice(volume.fd, volume.size), state, log, bitmap },
         { volumeId: volume.meta.volumeId, size: volume.size, regionSize: volume.meta.regionSize },
-        { clock: systemClock, logger: opts.logger, onFailure: opts.onFailure },
+        {
+          clock: systemClock,
+          logger: opts.logger,
+          onFailure: opts.onFailure,
+          replicaAsCreated: (mark) => stillBornZero(volume.path, mark),
+        },
       ),
     );
   } catch (err) {

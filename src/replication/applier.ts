@@ -19,6 +19,7 @@
  */
 import type { BlockDevice } from '../io/block-device.js';
 import type { Clock, Timer } from '../io/clock.js';
+import type { BornZeroMark } from '../volume/born-zero.js';
 import { endResync, type Generations } from './generations.js';
 import type { UpdateHeader } from './messages.js';
 
@@ -29,6 +30,11 @@ export interface ReplicaState {
   consistent: boolean;
   /** The generation of the replica's data (DESIGN.md §7): the sender's, taken when a resync begins. */
   generations: Generations;
+  /**
+   * Written by `volrep create` only, for a replica file it made (all zeros; trusted only while
+   * the file is as created, src/volume/born-zero.ts): the applier's first record drops it.
+   */
+  bornZero?: BornZeroMark;
 }
 
 export interface ReplicaStateStore {
@@ -177,9 +183,15 @@ export class Applier {
 
   /**
    * A resync is about to begin (the handshake): record durably that the replica takes these
-   * generations and is inconsistent. Call only while idle; resolves once it is durable.
+   * generations and is inconsistent. Call only while idle; resolves once it is durable. For a full
+   * sync (`fromZero`) the ids applied so far are another log's: accepted ids start again at 0.
    */
-  recordResyncStart(generations: Generations): Promise<void> {
+  recordResyncStart(generations: Generations, fromZero = false): Promise<void> {
+    if (fromZero) {
+      this.appliedId = 0;
+      this.acceptedId = 0;
+      this.writtenReported = 0;
+    }
     this.generationsWanted = generations;
     this.consistentWanted = false;
     this.requestSync();

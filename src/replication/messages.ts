@@ -37,6 +37,8 @@ export interface Welcome {
   generations: Generations;
   /** Regions the replica itself may hold differently (a demoted primary's unacked writes); sent before the welcome as dirtyBitmap frames. */
   dirtyRegions: number;
+  /** The replica was created empty by `volrep create` and has received nothing since: all zeros. */
+  bornZero?: true;
 }
 
 /** Why a handshake was refused, and (when generations decided it) the refusing side's view. */
@@ -171,6 +173,7 @@ export function decodeMessage(frame: RawFrame): Message | { type: 'invalid'; rea
       const generations = parseGenerations(v.generations);
       if (generations === undefined) return invalid('bad generations');
       if (!isCount(v.dirtyRegions)) return invalid('dirtyRegions is not a count');
+      if (v.bornZero !== undefined && v.bornZero !== true) return invalid('bornZero is not true');
       return {
         type: 'welcome',
         welcome: {
@@ -180,6 +183,7 @@ export function decodeMessage(frame: RawFrame): Message | { type: 'invalid'; rea
           consistent: v.consistent,
           generations,
           dirtyRegions: v.dirtyRegions,
+          ...(v.bornZero === true && { bornZero: true }),
         },
       };
     }

@@ -16,6 +16,7 @@
 import { IndicatorMap } from '../core/indicator-map.js';
 import { VolrepError } from '../errors.js';
 import { ChunkQueue } from '../io/chunk-queue.js';
+import type { BornZeroMark } from '../volume/born-zero.js';
 import { encodeFrame, FrameDecoder } from './frames.js';
 import { decideHandshake, describeRefusal, type Generations, type HandshakeOutcome } from './generations.js';
 import {
@@ -120,8 +121,9 @@ export type PrimarySessionAction =
   /** The replica became consistent (a resync ended): a good moment to persist the cleaner bitmap. */
   | { type: 'replicaConsistent' }
   /**
-   * The secondary durably holds this side's generation: drop the base (nothing apart any more),
-   * and call handleBaseDropped(connection) once the pair state holding that is durable.
+   * The secondary durably holds this side's generation: drop the base (nothing apart any more)
+   * and the volume's born-zero mark (acks may clean regions from now on), and call
+   * handleBaseDropped(connection) once the pair state holding that is durable.
    */
   | { type: 'peerHoldsGeneration'; connection: number }
   /** What the generations decided on this connection (for status, logs and metrics). */
@@ -132,6 +134,12 @@ export type PrimarySessionAction =
 export interface PairState {
   /** A replica of this primary has been consistent at least once. */
   replicaEverSynced: boolean;
+  /**
+   * `volrep create` made this volume empty (all zeros) and no replica has been welcomed since:
+   * every region written since is dirty (nothing acked it). Dropped durably at the first welcome;
+   * trusted only while the file is as created (src/volume/born-zero.ts).
+   */
+  volumeBornZero?: BornZeroMark;
   /** The generation of this side's data (DESIGN.md §7). */
   generations: Generations;
 }
@@ -141,6 +149,8 @@ export interface PrimarySessionOptions {
   /** Both volumes are known identical at the pair's birth: no initial full sync. */
   assumeClean: boolean;
   replicaEverSynced: boolean;
+  /** PairState.volumeBornZero is there, and the volume file is still as created. */
+  volumeBornZero?: boolean;
   /** This side's generations now (the shell owns and persists them). */
   generations: () => Generations;
   /** No frame at all from the secondary for this long means the link is dead. */
@@ -183,6 +193,7 @@ export class PrimarySession {
   private connections = 0;
   private reconnects = 0;
   private replicaEverSynced: boolean;
+  private volumeBornZero: boolean;
   private readonly silenceMsMax: number;
   /** The generations the hello of this connection carried. */
   private helloGenerations: Generations | undefined;
@@ -193,6 +204,7 @@ export class PrimarySession {
 
   constructor(private readonly opts: PrimarySessionOptions) {
     this.replicaEverSynced = opts.replicaEverSynced;
+    this.volumeBornZero = opts.volumeBornZero === true;
     this.regionCount = Math.ceil(opts.hello.size / opts.hello.regionSize);
     this.bitmapBytes = IndicatorMap.byteLength(this.regionCount);
     this.silenceMsMax = opts.silenceMsMax ?? PEER_SILENCE_MS_MAX;
@@ -447,7 +459,10 @@ export class PrimarySession {
     // is durable: a power loss here after a resync that ended on the replica must not bring the
     // base back (a demote would then give up the generation the replica holds: a false split
     // brain). The base may be gone in memory already with its write still pending: wait anyway.
-    const baseDrop = welcome.generations.current === own.current;
+    // Both volumes born zero: the replica needs only the regions written since (all dirty here).
+    const bornZero = this.volumeBornZero && welcome.bornZero === true;
+    const baseDrop = welcome.generations.current === own.current || this.volumeBornZero;
+    this.volumeBornZero = false;
     if (baseDrop) this.emit({ type: 'peerHoldsGeneration', connection: this.connections });
     this.keepAliveAtMs = this.lastHeardMs + KEEP_ALIVE_INTERVAL_MS;
     this.delayMs = RECONNECT_DELAY_MS_MIN;
@@ -461,7 +476,9 @@ export class PrimarySession {
     // pair's birth only: once a replica of this primary has been consistent, a replica without
     // history (say, one re-created) gets a full sync.
     const virgin = decision === 'fullSync';
-    const assumeClean = this.opts.assumeClean && !this.replicaEverSynced;
+    if (virgin && bornZero && !this.replicaEverSynced)
+      this.log('info', 'both volumes were created empty: sending only the regions written since');
+    const assumeClean = (this.opts.assumeClean || bornZero) && !this.replicaEverSynced;
     if (virgin && this.opts.assumeClean && !assumeClean) {
       this.log(
         'warn',

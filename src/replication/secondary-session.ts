@@ -73,9 +73,10 @@ export type SecondarySessionAction =
   | { type: 'handshakeAccepted'; decision: HandshakeDecision; peer: Generations; windowBytes?: number }
   /**
    * Record durably that the replica takes the primary's generation and is inconsistent (a resync
-   * begins), then call handleSettled again.
+   * begins), then call handleSettled again. `fullSync`: the update ids applied so far belong to
+   * another log (say, a primary re-created or promoted with --force): they start again from 0.
    */
-  | { type: 'recordResyncStart'; generations: Generations }
+  | { type: 'recordResyncStart'; generations: Generations; fullSync: boolean }
   | { type: 'log'; level: LogLevel; msg: string; fields?: Record<string, unknown> };
 
 export interface ReplicaIdentity {
@@ -166,9 +167,10 @@ export class SecondarySession {
   /**
    * The applier is idle: `state` is durable. Decide again on it (an earlier connection's resync
    * may have ended meanwhile), then welcome the primary with it, after this side's own dirty
-   * regions, and start the stream.
+   * regions, and start the stream. `bornZero`: the replica was created empty by `volrep create`
+   * and has received nothing since (the primary then sends only what it wrote since its own birth).
    */
-  handleSettled(state: ReplicaState, dirty: ReplicaDirty): void {
+  handleSettled(state: ReplicaState, dirty: ReplicaDirty, bornZero = false): void {
     if (this.linkState !== 'settling') return;
     const hello = this.hello!;
     const decision = decideHandshake(hello.generations, state.generations);
@@ -177,12 +179,20 @@ export class SecondarySession {
       // The replica takes the primary's generation before the welcome, in the record that marks
       // it inconsistent: a sender never learns of it later than its receiver (model/gen_model.py).
       const generations = adoptGeneration(state.generations, hello.generations.current!);
-      this.emit({ type: 'recordResyncStart', generations });
+      this.emit({ type: 'recordResyncStart', generations, fullSync: decision === 'fullSync' });
       return;
     }
     this.move('settled');
     for (const piece of dirty.pieces) this.send('dirtyBitmap', encodeDirtyBitmap(piece));
-    const welcome: Welcome = { ...this.replica, role: 'secondary', ...state, dirtyRegions: dirty.count };
+    const welcome: Welcome = {
+      ...this.replica,
+      role: 'secondary',
+      lastAppliedUpdate: state.lastAppliedUpdate,
+      consistent: state.consistent,
+      generations: state.generations,
+      dirtyRegions: dirty.count,
+      ...(bornZero && { bornZero: true }),
+    };
     this.lastAckSent = { ...state };
     this.send('welcome', [encodeJson(welcome)]);
     this.emit({

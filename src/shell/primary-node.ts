@@ -40,6 +40,7 @@ import {
   type PrimarySessionStatus,
 } from '../replication/primary-session.js';
 import { isAllZero } from '../util/zero.js';
+import { type BornZeroMark, parseBornZeroMark } from '../volume/born-zero.js';
 
 /** The files and the volume of a primary. */
 export interface PrimaryStorage {
@@ -78,6 +79,8 @@ export interface PrimaryNodeOptions {
   newGenerationId?: () => GenerationId;
   /** The volume's id, for the generation of metadata older than generations. */
   volumeId?: string;
+  /** Whether the volume file is still as `volrep create` made it (all zeros); absent: never. */
+  volumeAsCreated?: (mark: BornZeroMark) => boolean;
 }
 
 /** What the last handshake decided, for status: when, and the peer's generations then. */
@@ -179,6 +182,8 @@ export class PrimaryNode {
         hello: opts.link.hello,
         assumeClean: opts.link.assumeClean,
         replicaEverSynced: pair.replicaEverSynced,
+        volumeBornZero:
+          pair.volumeBornZero !== undefined && opts.volumeAsCreated?.(pair.volumeBornZero) === true,
         generations: () => this.pair.generations,
         silenceMsMax: engine.config.ackTimeoutMs,
         syncMode: engine.config.syncMode === true,
@@ -548,8 +553,10 @@ export class PrimaryNode {
         this.persistPair({ ...this.pair, replicaEverSynced: true });
         return;
       case 'peerHoldsGeneration': {
-        if (this.pair.generations.base !== null)
-          this.persistPair({ ...this.pair, generations: dropBase(this.pair.generations) });
+        if (this.pair.generations.base !== null || this.pair.volumeBornZero) {
+          const { volumeBornZero: _, ...pair } = this.pair;
+          this.persistPair({ ...pair, generations: dropBase(this.pair.generations) });
+        }
         // Every pair-state write so far (this one, or one still pending) is durable: stream.
         const { connection } = a;
         this.ioPromise(this.pairStateWrite, () => this.session?.handleBaseDropped(connection));
@@ -663,14 +670,24 @@ export function validatePairState(v: unknown, volumeId?: string): PairState | un
     return { replicaEverSynced: s.replicaEverSynced, generations: legacyGenerations(volumeId, true) };
   const generations = parseGenerations(s.generations);
   if (generations === undefined || generations.current === null) return undefined;
-  return { replicaEverSynced: s.replicaEverSynced, generations };
+  const volumeBornZero = s.volumeBornZero === undefined ? undefined : parseBornZeroMark(s.volumeBornZero);
+  if (s.volumeBornZero !== undefined && volumeBornZero === undefined) return undefined;
+  return {
+    replicaEverSynced: s.replicaEverSynced,
+    generations,
+    ...(volumeBornZero && { volumeBornZero }),
+  };
 }
 
-/** The record a new primary's pair-state file starts with: a first generation of its own. */
-export function initialPairState(): PairState {
+/**
+ * The record a new primary's pair-state file starts with: a first generation of its own, and
+ * the mark of a volume file `volrep create` made itself (all zeros).
+ */
+export function initialPairState(volumeBornZero?: BornZeroMark): PairState {
   return {
     replicaEverSynced: false,
     generations: { current: randomGenerationId(), base: null, history: [], resync: null },
+    ...(volumeBornZero && { volumeBornZero }),
   };
 }
 

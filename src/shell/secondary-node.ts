@@ -37,6 +37,7 @@ import {
   SecondarySession,
   type SecondarySessionAction,
 } from '../replication/secondary-session.js';
+import { type BornZeroMark, parseBornZeroMark } from '../volume/born-zero.js';
 import type { NodeLogger } from './primary-node.js';
 
 /** Bytes of updates received but not yet applied before we stop reading (backpressure). */
@@ -55,6 +56,8 @@ export interface SecondaryNodeOptions {
   clock: Clock;
   logger: NodeLogger;
   onFailure?: (err: Error) => void;
+  /** Whether the replica file is still as `volrep create` made it (all zeros); absent: never. */
+  replicaAsCreated?: (mark: BornZeroMark) => boolean;
 }
 
 interface Peer {
@@ -92,6 +95,11 @@ export class SecondaryNode {
   private closing = false;
   private lastHandshake: SecondaryNodeStatus['handshake'] = null;
   private clearing: Promise<void> = Promise.resolve();
+  /**
+   * The replica is as `volrep create` made it (all zeros) and has received nothing: said in the
+   * first welcome only (the primary then sends only what it wrote since its own birth).
+   */
+  private bornZero: boolean;
 
   private constructor(
     readonly applier: Applier,
@@ -99,6 +107,12 @@ export class SecondaryNode {
     private readonly opts: SecondaryNodeOptions,
     private readonly own: OwnDirty,
   ) {
+    const state = applier.state;
+    this.bornZero =
+      state.bornZero !== undefined &&
+      state.generations.current === null &&
+      state.lastAppliedUpdate === 0 &&
+      opts.replicaAsCreated?.(state.bornZero) === true;
     applier.onDurable = (state) => {
       // A resync into this replica ended: nothing of its own differs any more.
       if (state.consistent && this.own.dirty.count > 0) this.clearOwnDirty();
@@ -262,7 +276,7 @@ export class SecondaryNode {
         void this.applier.whenIdle().then(() =>
           this.run(peer, () => {
             if (this.applier.failed) peer.session.drop(`replica failed: ${this.applier.failed.message}`);
-            else peer.session.handleSettled(this.applier.state, this.ownDirty());
+            else peer.session.handleSettled(this.applier.state, this.ownDirty(), this.bornZero);
           }),
         );
         return;
@@ -297,14 +311,15 @@ export class SecondaryNode {
         };
         return;
       case 'recordResyncStart':
-        void this.applier.recordResyncStart(a.generations).then(() =>
+        void this.applier.recordResyncStart(a.generations, a.fullSync).then(() =>
           this.run(peer, () => {
             if (this.applier.failed) peer.session.drop(`replica failed: ${this.applier.failed.message}`);
-            else peer.session.handleSettled(this.applier.state, this.ownDirty());
+            else peer.session.handleSettled(this.applier.state, this.ownDirty(), this.bornZero);
           }),
         );
         return;
       case 'handshakeAccepted':
+        this.bornZero = false; // welcomed once: from here on the replica may receive data
         this.lastHandshake = { decision: a.decision, atMs: this.opts.clock.now(), peer: a.peer };
         this.applier.peerWindow(a.windowBytes);
         return;
@@ -385,5 +400,12 @@ export function validateReplicaState(v: unknown, volumeId: string): ReplicaState
       ? legacyGenerations(volumeId, s.consistent || s.lastAppliedUpdate > 0)
       : parseGenerations(s.generations);
   if (generations === undefined) return undefined;
-  return { lastAppliedUpdate: s.lastAppliedUpdate, consistent: s.consistent, generations };
+  const bornZero = s.bornZero === undefined ? undefined : parseBornZeroMark(s.bornZero);
+  if (s.bornZero !== undefined && bornZero === undefined) return undefined;
+  return {
+    lastAppliedUpdate: s.lastAppliedUpdate,
+    consistent: s.consistent,
+    generations,
+    ...(bornZero && { bornZero }),
+  };
 }

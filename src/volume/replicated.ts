@@ -17,6 +17,7 @@ import {
   PrimaryNode,
   type PrimaryNodeStatus,
 } from '../shell/primary-node.js';
+import { stillBornZero } from './born-zero.js';
 import { FileDevice } from './file-device.js';
 import type { Meta } from './meta.js';
 import {
@@ -129,6 +130,7 @@ export class Volume {
             },
             onFailure: opts.onFailure,
             volumeId: meta.volumeId,
+            volumeAsCreated: (mark) => stillBornZero(file.path, mark),
           },
         ),
       );

@@ -9,6 +9,7 @@ import { ensureIdentity, IDENTITY_KEY_FILE, identityName } from '../security/ide
 import { initialPairState } from '../shell/primary-node.js';
 import { INITIAL_REPLICA_STATE } from '../shell/secondary-node.js';
 import { formatSize, isPowerOfTwo } from '../util/size.js';
+import { type BornZeroMark, takeBornZeroMark } from './born-zero.js';
 import { VolumeLock } from './lock.js';
 import {
   META_FILE,
@@ -165,20 +166,26 @@ export async function createVolume(opts: CreateOptions): Promise<Meta> {
     await ensureIdentity(metaDir, identityName(meta.role, meta.volumeId));
     for (const stale of [REPLICA_STATE_FILE, PAIR_STATE_FILE])
       await fsp.rm(path.join(metaDir, stale), { force: true });
-    return await writeMetadata(meta, metaDir);
+    // A volume file made here holds only zeros: the pair's first sync sends only what is written.
+    return await writeMetadata(meta, metaDir, volumeExists ? undefined : takeBornZeroMark(opts.volumePath));
   } finally {
     await lock?.release();
   }
 }
 
-async function writeMetadata(meta: Meta, metaDir: string): Promise<Meta> {
+async function writeMetadata(meta: Meta, metaDir: string, bornZero?: BornZeroMark): Promise<Meta> {
   // The log and bitmap get their full size now, formatted (empty log, all-clean bitmap), so a
   // running daemon never runs out of space for them; the role's state file gets its first
   // record (a file missing later is refused, never read as "clean"). meta.json goes last: it
   // marks a complete set.
   await formatMetadataFiles(metaDir, meta.size, meta.regionSize, meta.logSize);
-  if (meta.role === 'primary') await formatSlotFile(path.join(metaDir, PAIR_STATE_FILE), initialPairState());
-  else await formatSlotFile(path.join(metaDir, REPLICA_STATE_FILE), INITIAL_REPLICA_STATE);
+  if (meta.role === 'primary')
+    await formatSlotFile(path.join(metaDir, PAIR_STATE_FILE), initialPairState(bornZero));
+  else
+    await formatSlotFile(path.join(metaDir, REPLICA_STATE_FILE), {
+      ...INITIAL_REPLICA_STATE,
+      ...(bornZero && { bornZero }),
+    });
   await syncDirectory(metaDir);
   await writeMeta(metaDir, meta);
   return meta;

@@ -4,7 +4,8 @@
  * per run. Beside the steps of the main simulator (I/O, delivery, time, writeback, client writes,
  * process kills and power losses) it changes roles the way an operator does — promote (now and then
  * with --force on an inconsistent replica), demote, start an old primary as a secondary without
- * demote, --discard-local-changes — with the real rule code (src/volume/roles.ts), committed
+ * demote, --discard-local-changes, `volrep create --force --secondary-of` over the volume as it is
+ * or on a new file (born zero; even seeds also start both sites born zero) — with the real rule code (src/volume/roles.ts), committed
  * atomically as meta.json's rename is.
  *
  * Ground truth, kept by the simulator and never read from the code under test: which regions each
@@ -40,7 +41,7 @@ import { discardLocalChanges, promotedPairState, secondaryState } from '../../sr
 import { Prng } from './prng.js';
 import { SimDisk } from './sim-disk.js';
 import { IoQueue, type NodeName, SimDevice, SimFile, SimNetwork, SimTime } from './sim-io.js';
-import { SIM_VOLUME_ID, SimFailure, settle, statusInSync } from './world.js';
+import { SIM_BORN_ZERO, SIM_VOLUME_ID, SimFailure, settle, statusInSync } from './world.js';
 
 const REGION = 4096;
 const REGIONS = 8;
@@ -152,16 +153,21 @@ export class FailoverSim {
     throw new SimFailure('correctness', message);
   }
 
-  /** `volrep create` on both sites. */
+  /** `volrep create` on both sites; on even seeds it made both volumes (all zeros: born zero). */
   private async format(): Promise<void> {
+    const bornZero = this.seed % 2 === 0;
     for (const s of this.sites) {
       await LogFile.format(s.log);
       await BitmapFile.format(s.bitmap, REGIONS);
       await SlotFile.format(s.pair, {
         replicaEverSynced: false,
         generations: { current: this.newGenerationId(), base: null, history: [], resync: null },
+        ...(bornZero && { volumeBornZero: SIM_BORN_ZERO }),
       } satisfies PairState);
-      await SlotFile.format(s.state, INITIAL_REPLICA_STATE);
+      await SlotFile.format(s.state, {
+        ...INITIAL_REPLICA_STATE,
+        ...(bornZero && { bornZero: SIM_BORN_ZERO }),
+      } satisfies ReplicaState);
       for (const d of [s.log, s.bitmap, s.pair, s.state, s.volume]) d.syncSync();
     }
   }
@@ -245,6 +251,7 @@ export class FailoverSim {
         {
           clock: this.time.clockFor(who),
           logger: this.logger,
+          volumeAsCreated: () => true,
           link: {
             dialer: this.net.dialer(),
             hello: { volumeId: SIM_VOLUME_ID, size: VOLUME_BYTES, regionSize: REGION },
@@ -263,7 +270,7 @@ export class FailoverSim {
           bitmap: new SimFile(this.io, who, site.bitmap, `${site.name} bitmap`),
         },
         { volumeId: SIM_VOLUME_ID, size: VOLUME_BYTES, regionSize: REGION },
-        { clock: this.time.clockFor(who), logger: this.logger, onFailure },
+        { clock: this.time.clockFor(who), logger: this.logger, onFailure, replicaAsCreated: () => true },
       ).then((node) => {
         if (incarnation !== site.incarnation) return;
         this.net.listener = (c) => node.accept(c);
@@ -305,6 +312,25 @@ export class FailoverSim {
       const state = await this.readState(site.state, 'replica-state', (v) =>
         validateReplicaState(v, SIM_VOLUME_ID),
       );
+      if (p.chance(0.08)) {
+        // volrep create --force --secondary-of: new metadata over the volume file as it is, or
+        // with the volume file made anew (all zeros: born zero). It gives up everything.
+        const fresh = p.chance(0.5);
+        if (fresh) site.volume.poke(0, new Uint8Array(VOLUME_BYTES));
+        await LogFile.format(site.log);
+        await BitmapFile.format(site.bitmap, REGIONS);
+        await SlotFile.format(site.state, {
+          ...INITIAL_REPLICA_STATE,
+          ...(fresh && { bornZero: SIM_BORN_ZERO }),
+        } satisfies ReplicaState);
+        for (const d of [site.log, site.bitmap, site.state]) d.syncSync();
+        site.kept = new Set();
+        site.attempted = new Set();
+        site.forced = false;
+        this.trace(`${site.name}: re-created as a secondary${fresh ? ' on a new volume file' : ''}`);
+        this.roleChanges += 1;
+        return;
+      }
       if (p.chance(0.3) && state.generations.base !== null) {
         // --discard-local-changes, at its next start as a secondary
         await discardLocalChanges(site.state, SIM_VOLUME_ID);

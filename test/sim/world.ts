@@ -13,8 +13,10 @@ import { ChunkQueue } from '../../src/io/chunk-queue.js';
 import { SLOT_FILE_BYTES, SlotFile } from '../../src/io/slot-file.js';
 import { BitmapFile } from '../../src/log/bitmap-file.js';
 import { LogFile } from '../../src/log/log-file.js';
+import type { ReplicaState } from '../../src/replication/applier.js';
 import { FrameDecoder } from '../../src/replication/frames.js';
 import { decodeMessage } from '../../src/replication/messages.js';
+import type { PairState } from '../../src/replication/primary-session.js';
 import {
   type NodeLogger,
   PrimaryNode,
@@ -22,6 +24,7 @@ import {
   type PrimaryNodeStatus,
 } from '../../src/shell/primary-node.js';
 import { INITIAL_REPLICA_STATE, SecondaryNode } from '../../src/shell/secondary-node.js';
+import type { BornZeroMark } from '../../src/volume/born-zero.js';
 import { Checks } from './checks.js';
 import { Prng } from './prng.js';
 import { SimDisk } from './sim-disk.js';
@@ -41,6 +44,9 @@ export class SimFailure extends Error {
 }
 
 export const SIM_VOLUME_ID = '00000000-0000-4000-8000-000000000001';
+/** The mark `volrep create` leaves on a volume file it made; nothing outside volrep writes here. */
+export const SIM_BORN_ZERO: BornZeroMark = { ino: '1', ctimeNs: '1', size: 1 };
+const asCreated = () => true;
 const REGION_BYTES = 4096;
 /** 24.5 regions: a partial last region. */
 const VOLUME_BYTES = 24 * REGION_BYTES + 2048;
@@ -108,6 +114,8 @@ export class World {
   readonly regionCount: number;
   readonly syncMode: boolean;
   readonly assumeClean: boolean;
+  /** Without --assume-clean: `volrep create` made both volumes (the first sync sends what was written). */
+  readonly bornZero: boolean;
   readonly profile: Profile;
   // The primary's disks.
   readonly volume = new SimDisk(VOLUME_BYTES, {
@@ -170,6 +178,8 @@ export class World {
     this.syncMode = options.syncMode ?? options.seed % 3 === 0;
     this.assumeClean = p.chance(0.5);
     if (options.assumeClean !== undefined) this.assumeClean = options.assumeClean;
+    // From the seed, not the prng: the other draws of a seed stay as they were.
+    this.bornZero = !this.assumeClean && options.seed % 4 >= 2;
     this.profile = {
       queueDepth: p.pick([2, 4, 8, 16]),
       flushShare: p.pick([0.02, 0.1, 0.25]),
@@ -222,8 +232,12 @@ export class World {
     await SlotFile.format(this.pairDisk, {
       replicaEverSynced: false,
       generations: { current: this.newGenerationId(), base: null, history: [], resync: null },
-    });
-    await SlotFile.format(this.stateDisk, INITIAL_REPLICA_STATE);
+      ...(this.bornZero && { volumeBornZero: SIM_BORN_ZERO }),
+    } satisfies PairState);
+    await SlotFile.format(this.stateDisk, {
+      ...INITIAL_REPLICA_STATE,
+      ...(this.bornZero && { bornZero: SIM_BORN_ZERO }),
+    } satisfies ReplicaState);
     await LogFile.format(this.secLogDisk);
     await BitmapFile.format(this.secBitmapDisk, this.regionCount);
     for (const d of [
@@ -240,7 +254,7 @@ export class World {
   }
 
   describe(): string {
-    return `seed ${this.options.seed}: ${this.syncMode ? 'sync' : 'async'} mode, ${this.assumeClean ? '--assume-clean' : 'full initial sync'}, log ${this.logDisk.size - LogFile.fileBytes(0)} B, window ${this.config.activityWindowRegions} regions, ${JSON.stringify(this.profile)}`;
+    return `seed ${this.options.seed}: ${this.syncMode ? 'sync' : 'async'} mode, ${this.assumeClean ? '--assume-clean' : this.bornZero ? 'both volumes born zero' : 'full initial sync'}, log ${this.logDisk.size - LogFile.fileBytes(0)} B, window ${this.config.activityWindowRegions} regions, ${JSON.stringify(this.profile)}`;
   }
 
   trace(line: string): void {
@@ -430,6 +444,7 @@ export class World {
     PrimaryNode.open(storage, this.config, {
       clock: this.time.clockFor('primary'),
       logger: this.logger,
+      volumeAsCreated: asCreated,
       link: {
         dialer: this.net.dialer(),
         hello: { volumeId: SIM_VOLUME_ID, size: VOLUME_BYTES, regionSize: REGION_BYTES },
@@ -470,6 +485,7 @@ export class World {
       {
         clock: this.time.clockFor('secondary'),
         logger: this.logger,
+        replicaAsCreated: asCreated,
         onFailure: (err) => {
           if (incarnation === slot.incarnation) this.fail('crash', `the secondary failed: ${err.message}`);
         },
