@@ -5,8 +5,8 @@
  * process kills and power losses) it changes roles the way an operator does — promote (now and then
  * with --force on an inconsistent replica), demote, start an old primary as a secondary without
  * demote, --discard-local-changes, `volrep create --force --secondary-of` over the volume as it is
- * or on a new file (born zero; even seeds also start both sites born zero) — with the real rule code (src/volume/roles.ts), committed
- * atomically as meta.json's rename is.
+ * or on a new file (born zero; even seeds also start both sites born zero) — with the real rule
+ * code (src/volume/roles.ts), committed atomically as meta.json's rename is.
  *
  * Ground truth, kept by the simulator and never read from the code under test: which regions each
  * site wrote while apart and has not given up ("kept"), and the volumes' bytes. Checked at every
