@@ -450,6 +450,26 @@ function report(samplesFile, jsonFile, resyncFile, rsyncFile) {
         ['resync bytes (only the regions written)', mib(resync.freshResyncBytes)],
       ]);
     }
+    if (resync.fullBytes !== undefined) {
+      const rate = (ms) =>
+        ms === null || ms === 0 ? '-' : `${(resync.fullBytes / 1e6 / (ms / 1000)).toFixed(0)} MB/s`;
+      out += `\nfull sync of ${mib(resync.fullBytes)} of random data (an adopted file) vs nbdcopy --flush of the same file to nbdkit:\n`;
+      out += markdown([
+        ['', 'time', 'rate'],
+        [
+          'volrep: primary serving → in sync',
+          ms(resync.fullServingToInSyncMs),
+          rate(resync.fullServingToInSyncMs),
+        ],
+        ['nbdcopy --flush file → nbdkit', ms(resync.fullNbdcopyMs), rate(resync.fullNbdcopyMs)],
+        [
+          'ratio volrep / nbdcopy (rate)',
+          resync.fullServingToInSyncMs ? times(resync.fullNbdcopyMs / resync.fullServingToInSyncMs) : '-',
+          '',
+        ],
+        ['resync bytes', mib(resync.fullResyncBytes), ''],
+      ]);
+    }
     out +=
       `Dirty regions on the primary before the restart: ${resync.dirtyBefore}. Both files in the page cache; ` +
       'rsync is local (no network).\n';

@@ -60,6 +60,9 @@
 # Then the resync under load: BENCH_LOAD_RESYNC_REGIONS regions change while the secondary is down;
 # once the primary has reconnected, fio writes 4 KiB randwrite QD32 to it; the time from the
 # reconnect until the replica is consistent again (the resync ended, fio still writing).
+# Then a fresh pair: two BENCH_FRESH_SIZE (1T) sparse files made by `volrep create`, 16 regions
+# written before the secondary starts: secondary serving → in sync, and the bytes sent. And a full
+# sync of a file of random data (adopted by `volrep create`) against `nbdcopy --flush` of it.
 #
 # Needs fio with the nbd engine, nbdkit and rsync (Debian: fio nbdkit rsync).
 #
@@ -593,6 +596,47 @@ stop_daemon fresh || rc=$?
 ((rc == 0)) || die "volrep primary fresh did not stop cleanly (exit status $rc)"
 stop_daemon fresh-secondary || rc=$?
 ((rc == 0)) || die "volrep secondary fresh-secondary did not stop cleanly (exit status $rc)"
+
+# --- a full sync of a volume full of data, against nbdcopy -----------------------------------------
+# A file of random data adopted by `volrep create` (it existed: no born-zero mark, so a full sync),
+# replicated to a fresh replica: primary serving → in sync. Against `nbdcopy --flush` of the same
+# file to the nbdkit export of the rows above (both files in the page cache; both end durable).
+if command -v nbdcopy >/dev/null; then
+  say ""
+  say "full sync of $SIZE of random data vs nbdcopy --flush of the same file to nbdkit"
+  full_bytes_size=$(stat -c %s "$WORK/volrep.img")
+  head -c "$full_bytes_size" /dev/urandom >"$WORK/full.img"
+  volrep_create full
+  full_id=$(node -e 'console.log(JSON.parse(require("fs").readFileSync(process.argv[1], "utf8")).volumeId)' \
+    "$WORK/full.img.volrep/meta.json") || die "cannot read the volume id of full"
+  volrep_create full-secondary --secondary-of "$full_id"
+  LISTEN_PORT[full-secondary]=$(node "$HELPER" port)
+  HTTP_PORT[full-secondary]=$(node "$HELPER" port)
+  LINK_FLAGS[full-secondary]="--allow-peer $(identity_of full)"
+  start_secondary full-secondary
+  start_primary full --peer "127.0.0.1:${LISTEN_PORT[full-secondary]}" --peer-fingerprint "$(identity_of full-secondary)"
+  read -r t_full_insync _ < <(wait_insync full) || die "the full sync did not end"
+  t_full_serving=$(log_time "$WORK/full.log" 'primary serving')
+  full_resync=$(node "$HELPER" counter "127.0.0.1:${HTTP_PORT[full]}" volrep_resync_bytes_total) ||
+    die "cannot read /metrics of full"
+  rc=0
+  stop_daemon full || rc=$?
+  ((rc == 0)) || die "volrep primary full did not stop cleanly (exit status $rc)"
+  stop_daemon full-secondary || rc=$?
+  ((rc == 0)) || die "volrep secondary full-secondary did not stop cleanly (exit status $rc)"
+  cmp -s "$WORK/full.img" "$WORK/full-secondary.img" || die "after the full sync the replica differs"
+  nbdcopy_t0=$(now_ms)
+  nbdcopy --flush "$WORK/full.img" "nbd://127.0.0.1:${NBD_PORT[nbdkit]}/" || die "nbdcopy failed"
+  nbdcopy_t1=$(now_ms)
+  cmp -s "$WORK/full.img" "$WORK/nbdkit.img" || die "after nbdcopy the nbdkit file differs"
+  say "  replica and nbdkit's file identical to the source (cmp)"
+  {
+    echo "fullBytes=$full_bytes_size"
+    echo "fullResyncBytes=$full_resync"
+    echo "fullServingToInSyncMs=$([[ $t_full_serving == - ]] && echo - || echo $((t_full_insync - t_full_serving)))"
+    echo "fullNbdcopyMs=$((nbdcopy_t1 - nbdcopy_t0))"
+  } >>"$RESYNC_KV"
+fi
 
 # --- shut down and report -------------------------------------------------------------------------
 for name in volrep volrep-async volrep-sync volrep-async-plain volrep-small; do
