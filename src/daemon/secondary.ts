@@ -137,7 +137,7 @@ export async function startSecondary(opts: SecondaryOptions): Promise<RunningSec
           clock: systemClock,
           logger: opts.logger,
           onFailure: opts.onFailure,
-          replicaAsCreated: (mark) => stillBornZero(volume.path, mark),
+          replicaAsCreated: (mark) => stillBornZero(volume.fd, mark),
         },
       ),
     );

@@ -461,6 +461,8 @@ export class PrimarySession {
     // brain). The base may be gone in memory already with its write still pending: wait anyway.
     // Both volumes born zero: the replica needs only the regions written since (all dirty here).
     const bornZero = this.volumeBornZero && welcome.bornZero === true;
+    // (The replica always holds this side's generation once it welcomes; the born-zero mark must
+    // go durably before the stream as well, whatever the generations say.)
     const baseDrop = welcome.generations.current === own.current || this.volumeBornZero;
     this.volumeBornZero = false;
     if (baseDrop) this.emit({ type: 'peerHoldsGeneration', connection: this.connections });

@@ -96,10 +96,11 @@ export class SecondaryNode {
   private lastHandshake: SecondaryNodeStatus['handshake'] = null;
   private clearing: Promise<void> = Promise.resolve();
   /**
-   * The replica is as `volrep create` made it (all zeros) and has received nothing: said in the
-   * first welcome only (the primary then sends only what it wrote since its own birth).
+   * The mark of a replica `volrep create` made (all zeros) that has received nothing: checked
+   * against the file again at the first welcome (something may have written it since the start)
+   * and said there only (the primary then sends only what it wrote since its own birth).
    */
-  private bornZero: boolean;
+  private bornZero: BornZeroMark | undefined;
 
   private constructor(
     readonly applier: Applier,
@@ -108,11 +109,7 @@ export class SecondaryNode {
     private readonly own: OwnDirty,
   ) {
     const state = applier.state;
-    this.bornZero =
-      state.bornZero !== undefined &&
-      state.generations.current === null &&
-      state.lastAppliedUpdate === 0 &&
-      opts.replicaAsCreated?.(state.bornZero) === true;
+    if (state.generations.current === null && state.lastAppliedUpdate === 0) this.bornZero = state.bornZero;
     applier.onDurable = (state) => {
       // A resync into this replica ended: nothing of its own differs any more.
       if (state.consistent && this.own.dirty.count > 0) this.clearOwnDirty();
@@ -152,6 +149,11 @@ export class SecondaryNode {
       );
     const applier = new Applier(storage.replica, slots, value, { clock: opts.clock });
     return new SecondaryNode(applier, identity, opts, own);
+  }
+
+  /** Whether the replica is still as `volrep create` made it (the file checked now). */
+  private replicaBornZero(): boolean {
+    return this.bornZero !== undefined && this.opts.replicaAsCreated?.(this.bornZero) === true;
   }
 
   private clearOwnDirty(): void {
@@ -276,7 +278,7 @@ export class SecondaryNode {
         void this.applier.whenIdle().then(() =>
           this.run(peer, () => {
             if (this.applier.failed) peer.session.drop(`replica failed: ${this.applier.failed.message}`);
-            else peer.session.handleSettled(this.applier.state, this.ownDirty(), this.bornZero);
+            else peer.session.handleSettled(this.applier.state, this.ownDirty(), this.replicaBornZero());
           }),
         );
         return;
@@ -314,12 +316,12 @@ export class SecondaryNode {
         void this.applier.recordResyncStart(a.generations, a.fullSync).then(() =>
           this.run(peer, () => {
             if (this.applier.failed) peer.session.drop(`replica failed: ${this.applier.failed.message}`);
-            else peer.session.handleSettled(this.applier.state, this.ownDirty(), this.bornZero);
+            else peer.session.handleSettled(this.applier.state, this.ownDirty(), this.replicaBornZero());
           }),
         );
         return;
       case 'handshakeAccepted':
-        this.bornZero = false; // welcomed once: from here on the replica may receive data
+        this.bornZero = undefined; // welcomed once: from here on the replica may receive data
         this.lastHandshake = { decision: a.decision, atMs: this.opts.clock.now(), peer: a.peer };
         this.applier.peerWindow(a.windowBytes);
         return;

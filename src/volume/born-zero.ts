@@ -5,11 +5,12 @@
  * moments, not in the hours it takes to send a terabyte of zeros.
  *
  * Trusted only while the file is provably untouched since: the same inode, the same size and
- * change time (any write, truncate or fallocate moves ctime) and no allocated block. A file
- * written outside volrep between `volrep create` and the daemon's start (say, an image copied
- * in) fails the check, and the pair syncs in full.
+ * change time (any write, truncate or fallocate moves ctime) and no allocated block. The primary
+ * checks at its start (after that its own writes move ctime), the secondary at its first welcome
+ * (it writes nothing to the replica before). A file written outside volrep before then (say, an
+ * image copied in) fails the check, and the pair syncs in full.
  */
-import { statSync } from 'node:fs';
+import { fstatSync, statSync } from 'node:fs';
 
 /** What `volrep create` recorded about the volume file it made (decimal strings: 64-bit values). */
 export interface BornZeroMark {
@@ -33,10 +34,14 @@ export function takeBornZeroMark(volumePath: string): BornZeroMark {
   return { ino: String(st.ino), ctimeNs: String(st.ctimeNs), size: Number(st.size) };
 }
 
-/** Whether the volume file is still exactly as `volrep create` left it (all zeros). */
-export function stillBornZero(volumePath: string, mark: BornZeroMark): boolean {
+/**
+ * Whether the volume file (a path, or the descriptor a daemon writes through) is still exactly as
+ * `volrep create` left it (all zeros).
+ */
+export function stillBornZero(volume: string | number, mark: BornZeroMark): boolean {
   try {
-    const st = statSync(volumePath, { bigint: true });
+    const st =
+      typeof volume === 'number' ? fstatSync(volume, { bigint: true }) : statSync(volume, { bigint: true });
     return (
       st.isFile() &&
       String(st.ino) === mark.ino &&

@@ -130,7 +130,7 @@ export class Volume {
             },
             onFailure: opts.onFailure,
             volumeId: meta.volumeId,
-            volumeAsCreated: (mark) => stillBornZero(file.path, mark),
+            volumeAsCreated: (mark) => stillBornZero(file.fd, mark),
           },
         ),
       );
