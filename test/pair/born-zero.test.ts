@@ -87,36 +87,29 @@ describe('a pair born zero', { skip, timeout: 180_000 }, () => {
     assert.equal(replicaState.bornZero, undefined, JSON.stringify(replicaState));
   });
 
-  it('a replica file written outside volrep while its daemon waits for the primary gets a full sync', async () => {
-    // The secondary checks its file at the first welcome, not only at its start.
+  /** A replica written outside volrep (`when`: before or after its daemon starts) gets a full sync. */
+  async function writtenOutside(when: 'before its start' | 'while it waits'): Promise<void> {
     const pair = new Pair({ size: '64M' });
     pairs.push(pair);
-    await pair.startSecondary();
+    if (when === 'while it waits') await pair.startSecondary();
     const fd = openSync(pair.secondaryVolume, 'r+');
     try {
       writeSync(fd, randomBytes(MiB), 0, MiB, 7 * MiB);
     } finally {
       closeSync(fd);
     }
+    if (when === 'before its start') await pair.startSecondary();
     await pair.startPrimary();
-    await pair.waitInSync('the first sync', 60_000);
-    assert.equal(await pair.primaryMetric('volrep_resync_bytes_total'), 64 * MiB, 'a full sync');
-    await pair.assertIdentical('after the full sync');
-  });
-
-  it('a replica file written outside volrep after `volrep create` gets a full sync', async () => {
-    const pair = new Pair({ size: '64M' });
-    pairs.push(pair);
-    const fd = openSync(pair.secondaryVolume, 'r+');
-    try {
-      writeSync(fd, randomBytes(MiB), 0, MiB, 7 * MiB);
-    } finally {
-      closeSync(fd);
-    }
-    await pair.start();
     await pair.waitInSync('the first sync', 60_000);
     assert.equal(await pair.primaryMetric('volrep_resync_bytes_total'), 64 * MiB, 'a full sync');
     assert.ok(!pair.primary!.stderr().includes('both volumes were created empty'));
     await pair.assertIdentical('after the full sync');
-  });
+  }
+
+  it('a replica file written outside volrep after `volrep create` gets a full sync', () =>
+    writtenOutside('before its start'));
+
+  it('a replica file written outside volrep while its daemon waits for the primary gets a full sync', () =>
+    // The secondary checks its file at the first welcome, not only at its start.
+    writtenOutside('while it waits'));
 });
