@@ -84,7 +84,7 @@ export class IndicatorMap {
    */
   freeze(extra: Iterable<number>): FrozenBits {
     assert.ok(this.frozen === null, 'one frozen image at a time');
-    const frozen = new FrozenBits(this.words, [...extra], () => {
+    const frozen = new FrozenBits(this.words, extra, () => {
       if (this.frozen === frozen) this.frozen = null;
     });
     this.frozen = frozen;
@@ -209,17 +209,25 @@ export class FrozenBits {
   readonly pieceCount: number;
   /** Pieces the map changed since the freeze, as they were then. */
   private readonly saved = new Map<number, Uint32Array>();
+  /** The extra regions, by the piece that holds their bit (each piece looks at its own only). */
+  private readonly extra = new Map<number, number[]>();
   /** Pieces below this one were handed out: the map may change them freely. */
   private nextPiece = 0;
   private released = false;
 
   constructor(
     private readonly words: Uint32Array,
-    private readonly extra: readonly number[],
+    extra: Iterable<number>,
     private readonly onRelease: () => void,
   ) {
     this.byteLength = words.byteLength;
     this.pieceCount = Math.ceil(words.length / FROZEN_PIECE_WORDS);
+    for (const r of extra) {
+      const p = Math.floor((r >>> 5) / FROZEN_PIECE_WORDS);
+      const list = this.extra.get(p);
+      if (list === undefined) this.extra.set(p, [r]);
+      else list.push(r);
+    }
   }
 
   /** The map is about to change words [from, to): keep the pieces not handed out yet as they are. */
@@ -239,10 +247,8 @@ export class FrozenBits {
     const piece = this.saved.get(p) ?? this.words.slice(first, first + FROZEN_PIECE_WORDS);
     this.saved.delete(p);
     this.nextPiece += 1;
-    for (const r of this.extra) {
-      const w = r >>> 5;
-      if (w >= first && w < first + piece.length) piece[w - first] |= 1 << (r & 31);
-    }
+    for (const r of this.extra.get(p) ?? []) piece[(r >>> 5) - first] |= 1 << (r & 31);
+    this.extra.delete(p);
     return new Uint8Array(piece.buffer, piece.byteOffset, piece.byteLength);
   }
 
@@ -262,6 +268,7 @@ export class FrozenBits {
   release(): void {
     this.released = true;
     this.saved.clear();
+    this.extra.clear();
     this.onRelease();
   }
 }
