@@ -453,7 +453,7 @@ function report(samplesFile, jsonFile, resyncFile, rsyncFile) {
     if (resync.fullBytes !== undefined) {
       const rate = (ms) =>
         ms === null || ms === 0 ? '-' : `${(resync.fullBytes / 1e6 / (ms / 1000)).toFixed(0)} MB/s`;
-      out += `\nfull sync of ${mib(resync.fullBytes)} of random data (an adopted file) vs nbdcopy --flush of the same file to nbdkit:\n`;
+      out += `\nfull sync of ${mib(resync.fullBytes)} of random data (an adopted file) vs nbdcopy --flush of the same file to nbdkit, each to a new file (nbdcopy first):\n`;
       out += markdown([
         ['', 'time', 'rate'],
         [
@@ -461,7 +461,7 @@ function report(samplesFile, jsonFile, resyncFile, rsyncFile) {
           ms(resync.fullServingToInSyncMs),
           rate(resync.fullServingToInSyncMs),
         ],
-        ['nbdcopy --flush file → nbdkit', ms(resync.fullNbdcopyMs), rate(resync.fullNbdcopyMs)],
+        ['nbdcopy --flush file → nbdkit (new file)', ms(resync.fullNbdcopyMs), rate(resync.fullNbdcopyMs)],
         [
           'ratio volrep / nbdcopy (rate)',
           resync.fullServingToInSyncMs ? times(resync.fullNbdcopyMs / resync.fullServingToInSyncMs) : '-',

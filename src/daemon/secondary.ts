@@ -33,6 +33,14 @@ import { repeatLimitedWarn } from './logger.js';
 import { Metrics } from './metrics.js';
 import { registerRoleMetric } from './primary.js';
 
+/**
+ * Replica writes up to this size run on the event loop; larger ones (a resync's 64 KiB regions,
+ * large client writes) go to the threadpool, where the applier runs a few side by side and joins
+ * the adjacent ones queued meanwhile (src/replication/applier.ts): a full sync writes 1 MiB at a
+ * time off the event loop instead of 64 KiB on it.
+ */
+export const REPLICA_SYNC_WRITE_BYTES_MAX = 16 * 1024;
+
 export interface SecondaryOptions {
   volumePath: string;
   metaDir?: string;
@@ -131,7 +139,12 @@ export async function startSecondary(opts: SecondaryOptions): Promise<RunningSec
     const state = stateFile;
     node = await withMetaDirName(volume.metaDir, () =>
       SecondaryNode.open(
-        { replica: new FileDevice(volume.fd, volume.size), state, log, bitmap },
+        {
+          replica: new FileDevice(volume.fd, volume.size, false, REPLICA_SYNC_WRITE_BYTES_MAX),
+          state,
+          log,
+          bitmap,
+        },
         { volumeId: volume.meta.volumeId, size: volume.size, regionSize: volume.meta.regionSize },
         {
           clock: systemClock,

@@ -1,5 +1,7 @@
 /** The transport over node:net: TCP connections to and from the peer (plaintext; TLS in tls.ts). */
 import net from 'node:net';
+import tls from 'node:tls';
+import { StagedWriter } from './staged-writes.js';
 import type { Connection, ConnectionEvents, Dialer } from './transport.js';
 
 /** Wraps a socket; `events` get its data and its close (with the last error seen as the reason). */
@@ -14,6 +16,8 @@ export function socketConnection(socket: net.Socket, events: ConnectionEvents): 
   });
   socket.on('close', () => events.close(reason));
   const remote = `${socket.remoteAddress}:${socket.remotePort}`;
+  // Plaintext: a corked writev hands the kernel the buffers as they are. TLS: see staged-writes.ts.
+  const staged = socket instanceof tls.TLSSocket ? new StagedWriter(socket) : undefined;
   return {
     get remote() {
       return socket.remoteAddress === undefined ? remote : `${socket.remoteAddress}:${socket.remotePort}`;
@@ -22,6 +26,7 @@ export function socketConnection(socket: net.Socket, events: ConnectionEvents): 
     peerFingerprint: null,
     write(buffers) {
       if (socket.destroyed) return;
+      if (staged) return staged.write(buffers);
       socket.cork();
       for (const b of buffers) socket.write(b);
       socket.uncork();
@@ -32,7 +37,8 @@ export function socketConnection(socket: net.Socket, events: ConnectionEvents): 
     },
     end(why) {
       reason = why;
-      socket.end();
+      if (staged) staged.end();
+      else socket.end();
       // A peer that never reads our last word must not keep the socket open.
       setTimeout(() => socket.destroy(), 1000).unref();
     },

@@ -1,8 +1,12 @@
 /**
  * The secondary's ordered applier (DESIGN.md I5, H5, H13, H14).
  *
- * Updates are applied to the replica strictly in id order. Many updates share one sync, which
- * acks the highest id then on disk — so an ack always means durable (H5). Nobody waits on a sync
+ * Updates are applied to the replica in id order: a write starts only after every write it
+ * overlaps, and the applied id is the last update before the oldest write still running. Writes
+ * that do not overlap run side by side (at most WRITES_IN_FLIGHT_MAX, adjacent ones joined into
+ * one), as a disk with a queue runs them: between two barriers the order of non-overlapping
+ * writes changes neither the content nor what a barrier promises (I5). Many updates share one
+ * sync, which acks the highest id then on disk — so an ack always means durable (H5). Nobody waits on a sync
  * except at a barrier (a client's FLUSH or FUA write, a resync mark) or when the primary's
  * in-flight window fills, so once the applier has caught up it syncs at once only when a barrier
  * or enough unsynced data asks for it, and otherwise within SYNC_DELAY_MS: at one write in
@@ -53,6 +57,28 @@ export const SYNC_DELAY_MS = 5;
  */
 export const SYNC_NOW_BYTES = 1024 * 1024;
 export const SYNC_NOW_UPDATES = 64;
+/**
+ * Unsynced bytes at which the applier syncs while it has not caught up (a full sync keeps it
+ * busy for seconds): far more than SYNC_NOW_BYTES, since each sync slows the writes beside it,
+ * but at most a quarter of the primary's window, so acks keep its window open.
+ */
+export const SYNC_BEHIND_BYTES = 16 * 1024 * 1024;
+/** The largest replica write made of adjacent queued updates (see `coalesce`). */
+export const COALESCE_BYTES_MAX = 1024 * 1024;
+/**
+ * Replica writes at once (non-overlapping). A write into the page cache runs at the speed of one
+ * core copying (and, for a new file, the kernel providing its pages); a few side by side use the
+ * threadpool like a disk with a queue. Below libuv's four threads, so a sync always finds one.
+ */
+export const WRITES_IN_FLIGHT_MAX = 3;
+
+interface WriteInFlight {
+  /** The highest update id the write carries. */
+  id: number;
+  offset: number;
+  length: number;
+  done: boolean;
+}
 
 export interface ApplierOptions {
   clock: Clock;
@@ -81,8 +107,11 @@ export class Applier {
   private acceptedId: number;
   private readonly queue: ApplierOp[] = [];
   private queuedBytesCount = 0;
-  /** An op that must finish before the next one starts (a large write, a barrier). */
+  /** A sync point (barrier, resync mark) runs: nothing after it starts. */
   private blocked = false;
+  /** Replica writes issued and not all done, oldest first (at most WRITES_IN_FLIGHT_MAX). */
+  private writes: WriteInFlight[] = [];
+  /** The update whose write is being issued (0: none), for checks that watch the device. */
   private applying = 0;
   private syncRunning: Promise<void> | undefined;
   private syncWanted = false;
@@ -92,6 +121,7 @@ export class Applier {
   private syncTimer: Timer | undefined;
   private readonly syncDelayMs: number;
   private syncNowBytes = SYNC_NOW_BYTES;
+  private syncBehindBytes = SYNC_BEHIND_BYTES;
   private failure: Error | undefined;
   private idleWaiters: (() => void)[] = [];
   /** Called each time the durable state changes (the shell acks it to the primary). */
@@ -154,7 +184,7 @@ export class Applier {
     return this.appliedId;
   }
 
-  /** The update being written to the replica now (0: none), for checks that watch the device. */
+  /** The update whose replica write is being issued now (0: none), for checks that tag device writes. */
   get applyingId(): number {
     return this.applying;
   }
@@ -200,10 +230,9 @@ export class Applier {
 
   /** The current primary's in-flight window (undefined: it did not say): never let it fill up unsynced. */
   peerWindow(windowBytes: number | undefined): void {
-    this.syncNowBytes =
-      windowBytes === undefined
-        ? SYNC_NOW_BYTES
-        : Math.min(SYNC_NOW_BYTES, Math.max(1, Math.floor(windowBytes / 4)));
+    const quarter = windowBytes === undefined ? undefined : Math.max(1, Math.floor(windowBytes / 4));
+    this.syncNowBytes = Math.min(SYNC_NOW_BYTES, quarter ?? SYNC_NOW_BYTES);
+    this.syncBehindBytes = Math.min(SYNC_BEHIND_BYTES, quarter ?? SYNC_BEHIND_BYTES);
   }
 
   /** Resolves when everything accepted so far is applied and durable (or the applier failed). */
@@ -218,6 +247,7 @@ export class Applier {
       this.failure !== undefined ||
       (this.queue.length === 0 &&
         !this.blocked &&
+        this.writes.length === 0 &&
         this.syncRunning === undefined &&
         this.synced() &&
         this.recorded())
@@ -226,25 +256,31 @@ export class Applier {
 
   private pump(): void {
     while (!this.blocked && this.failure === undefined && this.queue.length > 0) {
-      const op = this.queue.shift()!;
+      const op = this.queue[0];
       if (op.kind === 'update') {
-        this.applyUpdate(op.update, op.data);
+        // Writes run side by side only where they do not overlap: the replica ends as in id order.
+        if (this.writes.length >= WRITES_IN_FLIGHT_MAX || this.overlapsWriteInFlight(op.update)) break;
+        this.queue.shift();
+        this.applyUpdate(this.coalesce(op.update, op.data));
         continue;
       }
+      // Barrier, and both resync marks: a sync point, once every write before it is done.
+      // Nothing after it is written until everything before it (and the consistency mark) is
+      // durable.
+      if (this.writes.length > 0) break;
+      this.queue.shift();
       if (op.kind === 'resyncBegin') this.consistentWanted = false;
       if (op.kind === 'resyncEnd') {
         this.consistentWanted = true;
         this.generationsWanted = endResync(this.generationsWanted);
       }
-      // Barrier, and both resync marks: a sync point. Nothing after it is written until everything
-      // before it (and the consistency mark) is durable.
       this.blocked = true;
       this.syncAll().then(() => {
         this.blocked = false;
         this.pump();
       });
     }
-    if (!this.blocked && this.queue.length === 0) {
+    if (!this.blocked && this.queue.length === 0 && this.writes.length === 0) {
       if (this.appliedId > this.writtenReported && this.failure === undefined) {
         this.writtenReported = this.appliedId;
         this.onWritten(this.appliedId);
@@ -254,25 +290,66 @@ export class Applier {
     this.notifyIfIdle();
   }
 
-  private applyUpdate(update: UpdateHeader, data: Buffer[]): void {
-    this.blocked = true;
-    this.applying = update.id;
+  private overlapsWriteInFlight(update: UpdateHeader): boolean {
+    for (const w of this.writes)
+      if (w.offset < update.offset + update.length && update.offset < w.offset + w.length) return true;
+    return false;
+  }
+
+  /**
+   * Joins the data updates queued right behind a data update that continue where it ends (a
+   * resync pass, a large client write: one update per region) into one write of the replica, up
+   * to COALESCE_BYTES_MAX: one system call, and off the event loop, instead of many. They are
+   * consecutive ids and do not overlap, so the replica ends the same; `update` comes back as the
+   * whole range under the last id, which is what an ack of the batch covers anyway.
+   */
+  private coalesce(
+    update: UpdateHeader,
+    data: Buffer[],
+  ): { update: UpdateHeader; data: Buffer[]; count: number } {
+    let count = 1;
+    if (update.kind !== 'data') return { update, data, count };
+    let joined = update;
+    let buffers = data;
+    for (;;) {
+      const next = this.queue[0];
+      if (next?.kind !== 'update' || next.update.kind !== 'data') break;
+      if (next.update.offset !== joined.offset + joined.length) break;
+      if (joined.length + next.update.length > COALESCE_BYTES_MAX) break;
+      this.queue.shift();
+      if (buffers === data) buffers = [...data];
+      for (const b of next.data) buffers.push(b);
+      joined = { ...next.update, offset: joined.offset, length: joined.length + next.update.length };
+      count += 1;
+    }
+    return { update: joined, data: buffers, count };
+  }
+
+  private applyUpdate(batch: { update: UpdateHeader; data: Buffer[]; count: number }): void {
+    const { update, data } = batch;
+    const write: WriteInFlight = { id: update.id, offset: update.offset, length: update.length, done: false };
+    this.writes.push(write);
     let returned = false;
     const done = (err: Error | null) => {
-      if (update.kind === 'data') this.queuedBytesCount -= update.length;
-      this.applying = 0;
+      if (this.failure !== undefined) return;
       if (err) return this.fail(err);
-      this.appliedId = update.id;
+      if (update.kind === 'data') this.queuedBytesCount -= update.length;
+      write.done = true;
       this.unsyncedBytes += update.kind === 'data' ? update.length : 0;
-      this.unsyncedUpdates += 1;
-      this.blocked = false;
+      this.unsyncedUpdates += batch.count;
+      // Applied: every update up to the oldest write still running.
+      while (this.writes[0]?.done) this.appliedId = this.writes.shift()!.id;
+      // Updates that keep coming never let the applier catch up: sync what is written anyway.
+      if (this.unsyncedBytes >= this.syncBehindBytes) this.requestSync();
       this.onProgress();
       // Completed asynchronously: carry on from here. Synchronously: the pump loop carries on.
       if (returned) this.pump();
     };
+    this.applying = update.id;
     if (update.kind === 'data') this.device.write(update.offset, data, update.length, false, done);
     else if (update.kind === 'zero') this.device.writeZeroes(update.offset, update.length, false, done);
     else this.device.trim(update.offset, update.length, false, done);
+    this.applying = 0;
     returned = true;
   }
 
@@ -383,6 +460,7 @@ export class Applier {
     this.syncTimer = undefined;
     this.blocked = false;
     this.queue.length = 0;
+    this.writes = [];
     this.onFailure(err);
     this.notifyIfIdle();
   }

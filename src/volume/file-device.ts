@@ -18,6 +18,8 @@ export class FileDevice implements BlockDevice {
     private readonly fd: number,
     readonly size: number,
     readonly readOnly = false,
+    /** Writes up to this size run on the event loop (reads always up to SYNC_IO_BYTES_MAX). */
+    private readonly syncWriteBytesMax = SYNC_IO_BYTES_MAX,
   ) {}
 
   read(offset: number, length: number, buf: Buffer, at: number, done: Done): void {
@@ -44,7 +46,7 @@ export class FileDevice implements BlockDevice {
 
   write(offset: number, data: Buffer[], length: number, fua: boolean, done: Done): void {
     const finish = fua ? (err: Error | null) => (err ? done(err) : this.flush(done)) : done;
-    if (length <= SYNC_IO_BYTES_MAX) {
+    if (length <= this.syncWriteBytesMax) {
       try {
         writevAllSync(this.fd, data, offset);
       } catch (err) {
