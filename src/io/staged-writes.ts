@@ -16,7 +16,8 @@ export const STAGE_BYTES = 256 * 1024;
 const EMPTY = Buffer.alloc(0);
 
 export class StagedWriter {
-  private readonly stages = [Buffer.allocUnsafeSlow(STAGE_BYTES), Buffer.allocUnsafeSlow(STAGE_BYTES)];
+  /** Allocated at the first write (a refused connection never needs them). */
+  private stages: Buffer[] = [];
   /** The stage the next write fills (writes complete in order, so they alternate). */
   private nextStage = 0;
   private outstanding = 0;
@@ -25,6 +26,8 @@ export class StagedWriter {
   private head = 0;
   private headOffset = 0;
   private ending = false;
+  /** A write failed: the socket is going away, nothing more is worth copying. */
+  private failed = false;
 
   constructor(private readonly socket: Socket) {}
 
@@ -45,7 +48,14 @@ export class StagedWriter {
   }
 
   private pump(): void {
-    while (this.outstanding < this.stages.length && this.head < this.queue.length && !this.socket.destroyed) {
+    if (this.stages.length === 0 && this.head < this.queue.length)
+      this.stages = [Buffer.allocUnsafeSlow(STAGE_BYTES), Buffer.allocUnsafeSlow(STAGE_BYTES)];
+    while (
+      this.outstanding < this.stages.length &&
+      this.head < this.queue.length &&
+      !this.failed &&
+      !this.socket.destroyed
+    ) {
       const stage = this.stages[this.nextStage];
       this.nextStage = (this.nextStage + 1) % this.stages.length;
       let filled = 0;
@@ -62,12 +72,13 @@ export class StagedWriter {
       }
       this.outstanding += 1;
       // The callback means the stream is done with the stage (encrypted and sent, or failed).
-      this.socket.write(stage.subarray(0, filled), () => {
+      this.socket.write(stage.subarray(0, filled), (err) => {
         this.outstanding -= 1;
-        this.pump();
+        if (err) this.failed = true;
+        else this.pump();
       });
     }
-    if (this.ending && this.head === this.queue.length && !this.socket.destroyed) {
+    if (this.ending && this.head === this.queue.length && !this.failed && !this.socket.destroyed) {
       this.ending = false;
       this.socket.end();
     }

@@ -77,6 +77,10 @@ interface WriteInFlight {
   id: number;
   offset: number;
   length: number;
+  /** Bytes of data it writes (zeroes and trims count none: they mostly write nothing). */
+  dataBytes: number;
+  /** Updates it carries (joined ones). */
+  count: number;
   done: boolean;
 }
 
@@ -316,6 +320,8 @@ export class Applier {
       if (next?.kind !== 'update' || next.update.kind !== 'data') break;
       if (next.update.offset !== joined.offset + joined.length) break;
       if (joined.length + next.update.length > COALESCE_BYTES_MAX) break;
+      // Joined, it would run beside an older write of its range (found in review).
+      if (this.overlapsWriteInFlight(next.update)) break;
       this.queue.shift();
       if (buffers === data) buffers = [...data];
       for (const b of next.data) buffers.push(b);
@@ -327,7 +333,14 @@ export class Applier {
 
   private applyUpdate(batch: { update: UpdateHeader; data: Buffer[]; count: number }): void {
     const { update, data } = batch;
-    const write: WriteInFlight = { id: update.id, offset: update.offset, length: update.length, done: false };
+    const write: WriteInFlight = {
+      id: update.id,
+      offset: update.offset,
+      length: update.length,
+      dataBytes: update.kind === 'data' ? update.length : 0,
+      count: batch.count,
+      done: false,
+    };
     this.writes.push(write);
     let returned = false;
     const done = (err: Error | null) => {
@@ -335,10 +348,13 @@ export class Applier {
       if (err) return this.fail(err);
       if (update.kind === 'data') this.queuedBytesCount -= update.length;
       write.done = true;
-      this.unsyncedBytes += update.kind === 'data' ? update.length : 0;
-      this.unsyncedUpdates += batch.count;
-      // Applied: every update up to the oldest write still running.
-      while (this.writes[0]?.done) this.appliedId = this.writes.shift()!.id;
+      // Applied: every update up to the oldest write still running (what the next sync covers).
+      while (this.writes[0]?.done) {
+        const applied = this.writes.shift()!;
+        this.appliedId = applied.id;
+        this.unsyncedBytes += applied.dataBytes;
+        this.unsyncedUpdates += applied.count;
+      }
       // Updates that keep coming never let the applier catch up: sync what is written anyway.
       if (this.unsyncedBytes >= this.syncBehindBytes) this.requestSync();
       this.onProgress();

@@ -145,6 +145,35 @@ describe('how the secondary writes the replica', () => {
     assert.equal(applier.writtenId, 3);
   });
 
+  it('does not join an update into a write when it overlaps an older write still running', () => {
+    // Found in review: the queue's head overlapped nothing, the update joined behind it did.
+    const { applier, held, push, complete } = setup();
+    const replica = Buffer.alloc(1 << 20);
+    const land = (i: number) => {
+      const w = held[i];
+      w.bytes.copy(replica, w.offset);
+      complete(i);
+    };
+    push(512 * KiB, 64 * KiB, 1);
+    push(64 * KiB, 64 * KiB, 2);
+    push(768 * KiB, 64 * KiB, 3); // every slot busy
+    push(0, 64 * KiB, 4); // adjacent to the next, overlaps nothing
+    push(64 * KiB, 64 * KiB, 5); // overlaps update 2, still running
+    land(0); // update 1 done: update 4 starts, alone
+    assert.deepEqual(
+      held.map((w) => [w.offset, w.length]),
+      [
+        [64 * KiB, 64 * KiB],
+        [768 * KiB, 64 * KiB],
+        [0, 64 * KiB],
+      ],
+    );
+    land(2);
+    while (held.length > 0) land(0);
+    assert.equal(applier.writtenId, 5);
+    assert.equal(replica[64 * KiB], 5, 'the newest update holds its range');
+  });
+
   it('counts an update applied only once every write before it is done', async () => {
     const { applier, held, acks, push, complete } = setup();
     push(0, 64 * KiB);
