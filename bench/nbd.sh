@@ -56,7 +56,8 @@
 # the page cache; --ignore-times because rsync's quick check compares whole seconds, and the copy
 # and the writes to the primary usually fall in the same second: without it rsync skips the file)
 # and compare the copies byte for byte. The times count from the restart and from the moment the
-# restarted secondary logged that it serves (what a user waits for, less Node's own start-up).
+# restarted secondary logged that it serves (what a user waits for, less Node's own start-up), to
+# the primary's log line for the resync's durable end (then confirmed in sync through /status).
 # Then the resync under load: BENCH_LOAD_RESYNC_REGIONS regions change while the secondary is down;
 # once the primary has reconnected, fio writes 4 KiB randwrite QD32 to it; the time from the
 # reconnect until the replica is consistent again (the resync ended, fio still writing).
@@ -459,6 +460,20 @@ done
 FIO_SECONDS=$(($(date +%s) - BENCH_T0))
 
 # --- resync vs rsync, on the async pair ----------------------------------------------------------
+log_time() { # file message [skip]: the time (ms since the epoch) of the message's first line after `skip` of them
+  grep "\"msg\":\"$2\"" "$1" | tail -n +"$((${3:-0} + 1))" | head -n 1 |
+    node -e 'let s="";process.stdin.on("data",(d)=>{s+=d}).on("end",()=>{console.log(s?JSON.parse(s).time:"-")})'
+}
+count_lines() { grep -c "\"msg\":\"$2\"" "$1" || true; } # file message
+# The moment a resync ended: the primary's log line for the durable end mark (exact, where polling
+# /status from a new process adds its start-up and the poll interval); `wait_insync` confirms it.
+CONSISTENT='the replica is consistent'
+insync_time() { # primary-name skip polled-time: the end of the resync after `skip` such lines, else the polled time
+  local t
+  t=$(log_time "$WORK/$1.log" "$CONSISTENT" "$2")
+  [[ $t == - ]] && t=$3
+  echo "$t"
+}
 say ""
 say "resync vs rsync: volrep-async pair, $RESYNC_REGIONS regions of 64 KiB changed while the secondary is down"
 P=volrep-async
@@ -477,15 +492,13 @@ node "$HELPER" scatter "127.0.0.1:${NBD_PORT[$P]}" volrep "$RESYNC_REGIONS" "$re
 dirty=$(node "$HELPER" status "$PRI_HTTP" dirtyRegions) || die "cannot read /status of $P"
 say "  secondary stopped (SIGTERM), replica copied, $RESYNC_REGIONS random regions written; primary: $dirty dirty regions"
 connects0=$(grep -c '"connected to the secondary"' "$WORK/$P.log" || true)
+consistent0=$(count_lines "$WORK/$P.log" "$CONSISTENT")
 t_restart=$(now_ms)
 start_secondary "$S"
 t_serving=$(now_ms)
-read -r t_insync _ < <(wait_insync "$P")
+read -r t_polled _ < <(wait_insync "$P")
+t_insync=$(insync_time "$P" "$consistent0" "$t_polled")
 resync1=$(node "$HELPER" counter "$PRI_HTTP" volrep_resync_bytes_total) || die "cannot read /metrics of $P"
-log_time() { # file message [skip]: the time (ms since the epoch) of the message's first line after `skip` of them
-  grep "\"msg\":\"$2\"" "$1" | tail -n +"$((${3:-0} + 1))" | head -n 1 |
-    node -e 'let s="";process.stdin.on("data",(d)=>{s+=d}).on("end",()=>{console.log(s?JSON.parse(s).time:"-")})'
-}
 # When the primary reconnected (its log's timestamp, ms since the epoch): the rest is the resync.
 t_connected=$(log_time "$WORK/$P.log" 'connected to the secondary' "$connects0")
 # When the restarted secondary listened (what a user waits for from there, less Node's start-up).
@@ -530,6 +543,7 @@ node "$HELPER" scatter "127.0.0.1:${NBD_PORT[$P]}" volrep "$LOAD_REGIONS" "$regi
 load_dirty=$(node "$HELPER" status "$PRI_HTTP" dirtyRegions) || die "cannot read /status of $P"
 load_resync0=$(node "$HELPER" counter "$PRI_HTTP" volrep_resync_bytes_total) || die "cannot read /metrics of $P"
 load_connects0=$(grep -c '"connected to the secondary"' "$WORK/$P.log" || true)
+load_consistent0=$(count_lines "$WORK/$P.log" "$CONSISTENT")
 start_secondary "$S"
 # fio starts once the primary is back: its writes then go out as updates beside the resync.
 for ((i = 0; i < 200; i++)); do
@@ -540,7 +554,8 @@ fio --name=load --ioengine=nbd --uri="nbd://127.0.0.1:${NBD_PORT[$P]}/volrep" --
   --iodepth=32 --size="$SIZE" --time_based --runtime=$((RUNTIME + 20)) --output-format=json \
   >"$WORK/load-fio.json" 2>"$WORK/load-fio.log" &
 LOAD_FIO=$!
-read -r t_load_done _ < <(node "$HELPER" consistent "$PRI_HTTP" 60) || die "the resync under load did not end in 60 s"
+read -r t_load_polled _ < <(node "$HELPER" consistent "$PRI_HTTP" 60) || die "the resync under load did not end in 60 s"
+t_load_done=$(insync_time "$P" "$load_consistent0" "$t_load_polled")
 load_resync1=$(node "$HELPER" counter "$PRI_HTTP" volrep_resync_bytes_total) || die "cannot read /metrics of $P"
 kill -INT "$LOAD_FIO" 2>/dev/null || true
 wait "$LOAD_FIO" || true
@@ -579,7 +594,8 @@ start_primary fresh --peer "127.0.0.1:${LISTEN_PORT[fresh-secondary]}" --peer-fi
 node "$HELPER" scatter "127.0.0.1:${NBD_PORT[fresh]}" volrep "$FRESH_WRITES" "$region_size" ||
   die "writing $FRESH_WRITES regions to the fresh pair failed"
 start_secondary fresh-secondary
-read -r t_fresh_insync _ < <(wait_insync fresh) || die "the fresh pair did not get in sync"
+read -r t_fresh_polled _ < <(wait_insync fresh) || die "the fresh pair did not get in sync"
+t_fresh_insync=$(insync_time fresh 0 "$t_fresh_polled")
 t_fresh_listening=$(log_time "$WORK/fresh-secondary.log" 'secondary serving')
 fresh_bytes=$(node "$HELPER" counter "127.0.0.1:${HTTP_PORT[fresh]}" volrep_resync_bytes_total) ||
   die "cannot read /metrics of fresh"
@@ -631,7 +647,8 @@ if command -v nbdcopy >/dev/null; then
   LINK_FLAGS[full-secondary]="--allow-peer $(identity_of full)"
   start_secondary full-secondary
   start_primary full --peer "127.0.0.1:${LISTEN_PORT[full-secondary]}" --peer-fingerprint "$(identity_of full-secondary)"
-  read -r t_full_insync _ < <(wait_insync full) || die "the full sync did not end"
+  read -r t_full_polled _ < <(wait_insync full) || die "the full sync did not end"
+  t_full_insync=$(insync_time full 0 "$t_full_polled")
   t_full_serving=$(log_time "$WORK/full.log" 'primary serving')
   full_resync=$(node "$HELPER" counter "127.0.0.1:${HTTP_PORT[full]}" volrep_resync_bytes_total) ||
     die "cannot read /metrics of full"

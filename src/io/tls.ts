@@ -87,7 +87,7 @@ export function tlsDialer(
           heard = true;
           if (verified) events.data(chunk);
         },
-        close: (reason) => {
+        close: (reason, answered) => {
           // TLS 1.3 lets the client finish first: a secondary that refuses our certificate just
           // closes, before its first byte. Say what that most likely means.
           if (verified && !heard) {
@@ -97,7 +97,7 @@ export function tlsDialer(
               fingerprint: connection.peerFingerprint,
             });
           }
-          events.close(reason);
+          events.close(reason, answered);
         },
       });
       socket.on('error', (err: Error & { code?: string }) => {
@@ -210,7 +210,7 @@ export function replicationListener(opts: ReplicationListenerOptions): net.Serve
     const connection = socketConnection(socket, {
       open: () => {},
       data: (chunk) => events?.data(chunk),
-      close: (reason) => events?.close(reason),
+      close: (reason, answered) => events?.close(reason, answered),
     });
     Object.assign(connection, { secure, peerFingerprint: fingerprint });
     events = opts.onConnection(connection);

@@ -26,8 +26,11 @@ export interface ConnectionEvents {
   /** An outgoing connection is established (never called for an accepted one). */
   open(): void;
   data(chunk: Buffer): void;
-  /** The connection is gone (or never came up); called once. */
-  close(reason: string): void;
+  /**
+   * The connection is gone (or never came up); called once. `answered`: the peer took the
+   * connection (TCP connected) before it went.
+   */
+  close(reason: string, answered: boolean): void;
 }
 
 /** Opens outgoing connections to one peer. */

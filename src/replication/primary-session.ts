@@ -33,14 +33,18 @@ import {
   type Welcome,
 } from './messages.js';
 
-export const RECONNECT_DELAY_MS_MIN = 100;
+export const RECONNECT_DELAY_MS_MIN = 20;
 /**
- * A secondary that is not there (restarting, rebooting, the link cut) is dialed again at least
- * this often, so one that comes back is streaming within about this time; a failed dial costs a
- * connect attempt.
+ * A secondary that does not answer (restarting, rebooting, the link cut) is dialed again at least
+ * this often, so one that comes back is streaming within about this time: a resync waits for the
+ * dial. A failed dial costs one connect attempt (a refused TCP connect, or a timed-out one).
  */
-export const RECONNECT_DELAY_MS_MAX = 250;
-/** After a refusal (the secondary answered and said no) the delay grows to this instead. */
+export const RECONNECT_DELAY_MS_MAX = 50;
+/**
+ * After a refusal, or a connection the secondary took that ended before its welcome (its TLS
+ * refused this primary, or this primary its certificate), the delay grows to this instead: the
+ * pair needs an operator, and a TLS handshake is not free.
+ */
 export const REFUSED_RETRY_DELAY_MS_MAX = 5_000;
 /** While connected, a keep-alive goes out this often (the secondary answers each). */
 export const KEEP_ALIVE_INTERVAL_MS = 1_000;
@@ -298,7 +302,8 @@ export class PrimarySession {
     }
   }
 
-  handleClose(reason: string, now: number): void {
+  /** The connection went; `answered`: the secondary had taken it (TCP connected). */
+  handleClose(reason: string, now: number, answered = false): void {
     if (this.linkState === 'stopped' || this.linkState === 'backoff' || this.linkState === 'idle') return;
     const wasStreaming = this.welcome !== undefined;
     this.move('closed');
@@ -312,7 +317,8 @@ export class PrimarySession {
     } else {
       this.log('debug', 'could not connect to the secondary', { reason });
     }
-    const cap = this.refused ? REFUSED_RETRY_DELAY_MS_MAX : RECONNECT_DELAY_MS_MAX;
+    const cap =
+      this.refused || (answered && !wasStreaming) ? REFUSED_RETRY_DELAY_MS_MAX : RECONNECT_DELAY_MS_MAX;
     const delay = Math.min(this.delayMs, cap);
     this.retryAtMs = now + delay;
     this.delayMs = Math.min(delay * 2, cap);
@@ -528,7 +534,10 @@ export class PrimarySession {
     this.replicaConsistent = ack.consistent;
     this.emit({ type: 'engineAck', id: ack.id });
     if (!ack.consistent) return;
-    if (becameConsistent) this.emit({ type: 'replicaConsistent' });
+    if (becameConsistent) {
+      this.log('info', 'the replica is consistent', { lastAppliedUpdate: ack.id });
+      this.emit({ type: 'replicaConsistent' });
+    }
     if (!this.replicaEverSynced) {
       this.replicaEverSynced = true;
       this.emit({ type: 'replicaEverSynced' });

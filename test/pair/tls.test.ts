@@ -244,7 +244,7 @@ async function refusedPair(
     assert.equal(p.fingerprint, c.primaryFingerprint?.(v) ?? null, `the fingerprint seen: ${p.raw}`);
     assert.ok((await metric(primary, AUTH_FAILURES)) >= 1);
   }
-  // The primary retries (100 ms, 200 ms, then every 250 ms): none of its attempts gets through.
+  // The primary retries (20 ms, 40 ms, 80 ms, ... up to every 5 s): none of its attempts gets through.
   await neverConnected(primary, secondary, 1500, c.refuser === 'primary');
   assert.ok(
     (await metric(refuser, AUTH_FAILURES)) >= 3,

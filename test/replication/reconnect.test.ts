@@ -5,6 +5,7 @@ import { encodeJson } from '../../src/replication/messages.js';
 import {
   PrimarySession,
   RECONNECT_DELAY_MS_MAX,
+  RECONNECT_DELAY_MS_MIN,
   REFUSED_RETRY_DELAY_MS_MAX,
 } from '../../src/replication/primary-session.js';
 
@@ -36,7 +37,11 @@ describe('reconnect backoff', () => {
     const s = session();
     s.start(0);
     const d = delays(s, 12, (now) => s.handleClose('connect ECONNREFUSED', now));
-    assert.deepEqual(d.slice(0, 2), [100, 200]);
+    assert.deepEqual(d.slice(0, 3), [
+      RECONNECT_DELAY_MS_MIN,
+      2 * RECONNECT_DELAY_MS_MIN,
+      RECONNECT_DELAY_MS_MAX,
+    ]);
     assert.ok(
       d.every((ms) => ms <= RECONNECT_DELAY_MS_MAX),
       `delays ${d.join(', ')} all ≤ ${RECONNECT_DELAY_MS_MAX} ms`,
@@ -59,6 +64,19 @@ describe('reconnect backoff', () => {
     assert.ok(d.at(-1)! > RECONNECT_DELAY_MS_MAX);
     // Once it stops answering (restarted to fix the refusal), the fast cap applies again.
     const after = delays(s, 2, (now) => s.handleClose('connect ECONNREFUSED', now));
+    assert.ok(
+      after.every((ms) => ms <= RECONNECT_DELAY_MS_MAX),
+      `delays ${after.join(', ')}`,
+    );
+  });
+
+  it('a secondary that takes the connection and drops it before its welcome (TLS refused) is redialed less and less often', () => {
+    const s = session();
+    s.start(0);
+    // TCP connected, then closed during the TLS handshake: never opened for the session.
+    const d = delays(s, 10, (now) => s.handleClose('TLS: certificate unknown', now, true));
+    assert.equal(Math.max(...d), REFUSED_RETRY_DELAY_MS_MAX, `delays ${d.join(', ')}`);
+    const after = delays(s, 2, (now) => s.handleClose('connect ECONNREFUSED', now, false));
     assert.ok(
       after.every((ms) => ms <= RECONNECT_DELAY_MS_MAX),
       `delays ${after.join(', ')}`,
