@@ -7,18 +7,14 @@ import type { Connection, ConnectionEvents, Dialer } from './transport.js';
 /** Wraps a socket; `events` get its data and its close (with the last error seen as the reason). */
 export function socketConnection(socket: net.Socket, events: ConnectionEvents): Connection {
   let reason = 'connection closed';
-  let answered = socket.readyState === 'open'; // an accepted socket is connected already
-  socket.on('connect', () => {
-    answered = true;
-    events.open();
-  });
+  socket.on('connect', () => events.open());
   socket.on('data', (chunk: Buffer) => events.data(chunk));
   socket.on('error', (err: Error & { library?: unknown; reason?: unknown }) => {
     // An OpenSSL error's message carries an address and a source path; its `reason` is for people.
     reason =
       typeof err.library === 'string' && typeof err.reason === 'string' ? `TLS: ${err.reason}` : err.message;
   });
-  socket.on('close', () => events.close(reason, answered));
+  socket.on('close', () => events.close(reason, false));
   const remote = `${socket.remoteAddress}:${socket.remotePort}`;
   // Plaintext: a corked writev hands the kernel the buffers as they are. TLS: see staged-writes.ts.
   const staged = socket instanceof tls.TLSSocket ? new StagedWriter(socket) : undefined;

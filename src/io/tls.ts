@@ -51,7 +51,11 @@ function describeTlsError(err: Error & { code?: string; reason?: string }): stri
   if (err.code === 'ERR_SSL_WRONG_VERSION_NUMBER' || err.code === 'ERR_SSL_HTTP_REQUEST') {
     return 'not TLS (a plaintext peer? both sides need TLS, or both --insecure-plaintext on loopback)';
   }
-  if (err.code === 'ERR_SSL_NO_PROTOCOLS_AVAILABLE' || err.code === 'ERR_SSL_UNSUPPORTED_PROTOCOL') {
+  if (
+    err.code === 'ERR_SSL_NO_PROTOCOLS_AVAILABLE' ||
+    err.code === 'ERR_SSL_UNSUPPORTED_PROTOCOL' ||
+    err.code === 'ERR_SSL_TLSV1_ALERT_PROTOCOL_VERSION'
+  ) {
     return `TLS version not supported (volrep speaks TLS 1.3 only): ${err.reason ?? err.message.trim()}`;
   }
   return `TLS handshake failed: ${err.reason ?? err.message.trim()}`;
@@ -81,26 +85,32 @@ export function tlsDialer(
       let verified = false;
       let handshaking = true;
       let heard = false;
+      /** Either side refused the other's certificate: the primary then redials slowly. */
+      let authFailed = false;
+      const refused = (f: AuthFailure): void => {
+        authFailed = true;
+        onRefused(f);
+      };
       const connection = socketConnection(socket, {
         open: () => {},
         data: (chunk) => {
           heard = true;
           if (verified) events.data(chunk);
         },
-        close: (reason, answered) => {
+        close: (reason) => {
           // TLS 1.3 lets the client finish first: a secondary that refuses our certificate just
           // closes, before its first byte. Say what that most likely means.
           if (verified && !heard) {
-            onRefused({
+            refused({
               remote: peer,
               reason: `the secondary closed the connection before its welcome: most likely it refused this primary's certificate (${security.identity.fingerprint}); check that the secondary's --allow-peer has it (or its --tls-ca signed it) and that it is valid`,
               fingerprint: connection.peerFingerprint,
             });
           }
-          events.close(reason, answered);
+          events.close(reason, authFailed);
         },
       });
-      socket.on('error', (err: Error & { code?: string }) => {
+      socket.on('error', (err: Error & { code?: string; library?: unknown }) => {
         if (
           !handshaking ||
           err.code === 'ECONNREFUSED' ||
@@ -109,13 +119,17 @@ export function tlsDialer(
         )
           return;
         handshaking = false;
-        onRefused({ remote: peer, reason: describeTlsError(err), fingerprint: null });
+        const failure = { remote: peer, reason: describeTlsError(err), fingerprint: null };
+        // An OpenSSL error (an alert from the secondary, say) is a refusal; a connection that
+        // closes mid-handshake (a secondary restarting, a proxy with nothing behind it) is not.
+        if (typeof err.library === 'string') refused(failure);
+        else onRefused(failure);
       });
       socket.once('secureConnect', () => {
         handshaking = false;
         const verdict = verifyPeer(socket, security.trust);
         if (!verdict.ok) {
-          onRefused({
+          refused({
             remote: peer,
             reason: `refused the secondary: ${verdict.reason}`,
             fingerprint: verdict.fingerprint,
@@ -210,7 +224,7 @@ export function replicationListener(opts: ReplicationListenerOptions): net.Serve
     const connection = socketConnection(socket, {
       open: () => {},
       data: (chunk) => events?.data(chunk),
-      close: (reason, answered) => events?.close(reason, answered),
+      close: (reason, refused) => events?.close(reason, refused),
     });
     Object.assign(connection, { secure, peerFingerprint: fingerprint });
     events = opts.onConnection(connection);

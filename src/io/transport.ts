@@ -27,10 +27,10 @@ export interface ConnectionEvents {
   open(): void;
   data(chunk: Buffer): void;
   /**
-   * The connection is gone (or never came up); called once. `answered`: the peer took the
-   * connection (TCP connected) before it went.
+   * The connection is gone (or never came up); called once. `refused`: it failed authentication
+   * (TLS: either side refused the other's certificate), so dialing again soon will not help.
    */
-  close(reason: string, answered: boolean): void;
+  close(reason: string, refused: boolean): void;
 }
 
 /** Opens outgoing connections to one peer. */

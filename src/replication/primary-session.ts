@@ -41,8 +41,8 @@ export const RECONNECT_DELAY_MS_MIN = 20;
  */
 export const RECONNECT_DELAY_MS_MAX = 50;
 /**
- * After a refusal, or a connection the secondary took that ended before its welcome (its TLS
- * refused this primary, or this primary its certificate), the delay grows to this instead: the
+ * After a refusal, or a connection that failed authentication (the secondary's TLS refused this
+ * primary's certificate, or this primary the secondary's), the delay grows to this instead: the
  * pair needs an operator, and a TLS handshake is not free.
  */
 export const REFUSED_RETRY_DELAY_MS_MAX = 5_000;
@@ -302,8 +302,8 @@ export class PrimarySession {
     }
   }
 
-  /** The connection went; `answered`: the secondary had taken it (TCP connected). */
-  handleClose(reason: string, now: number, answered = false): void {
+  /** The connection went; `refused`: it failed authentication (TLS), so redial slowly. */
+  handleClose(reason: string, now: number, refused = false): void {
     if (this.linkState === 'stopped' || this.linkState === 'backoff' || this.linkState === 'idle') return;
     const wasStreaming = this.welcome !== undefined;
     this.move('closed');
@@ -317,8 +317,7 @@ export class PrimarySession {
     } else {
       this.log('debug', 'could not connect to the secondary', { reason });
     }
-    const cap =
-      this.refused || (answered && !wasStreaming) ? REFUSED_RETRY_DELAY_MS_MAX : RECONNECT_DELAY_MS_MAX;
+    const cap = this.refused || refused ? REFUSED_RETRY_DELAY_MS_MAX : RECONNECT_DELAY_MS_MAX;
     const delay = Math.min(this.delayMs, cap);
     this.retryAtMs = now + delay;
     this.delayMs = Math.min(delay * 2, cap);

@@ -499,10 +499,10 @@ export class PrimaryNode {
           open: () => this.connectionEvent(connection, () => session.handleOpen(this.opts.clock.now())),
           data: (chunk) =>
             this.connectionEvent(connection, () => session.handleData(chunk, this.opts.clock.now())),
-          close: (reason, answered) =>
+          close: (reason, refused) =>
             this.connectionEvent(connection, () => {
               this.connection = undefined;
-              session.handleClose(reason, this.opts.clock.now(), answered);
+              session.handleClose(reason, this.opts.clock.now(), refused);
             }),
         });
         this.connection = connection;

@@ -1,14 +1,15 @@
 /**
- * A closed connection says whether the peer had taken it (real sockets on loopback): the primary
- * redials fast while nothing answers, and backs off when the secondary answers and the link still
- * does not come up (a TLS certificate refused either way).
+ * A closed connection says whether it failed authentication (real sockets on loopback): the
+ * primary redials fast while the secondary is not there (nobody listening, or a proxy with
+ * nothing behind it that takes the connection and drops it), and slowly once a certificate was
+ * refused either way (that needs an operator, and each handshake costs both sides).
  */
 import assert from 'node:assert/strict';
 import net, { type AddressInfo } from 'node:net';
 import { after, before, describe, it } from 'node:test';
 import tls from 'node:tls';
 import { tcpDialer } from '../../src/io/net.js';
-import { tlsDialer } from '../../src/io/tls.js';
+import { type LinkSecurity, tlsDialer } from '../../src/io/tls.js';
 import type { Dialer } from '../../src/io/transport.js';
 import { fingerprintOf } from '../../src/security/fingerprint.js';
 import { generateIdentityPem, type Identity } from '../../src/security/identity.js';
@@ -18,16 +19,15 @@ function identity(pem: { key: string; cert: string }): Identity {
 }
 
 /** Dials once: whether `open` fired, and how the connection closed. */
-function dialOnce(dialer: Dialer): Promise<{ opened: boolean; reason: string; answered: boolean }> {
+function dialOnce(dialer: Dialer): Promise<{ opened: boolean; reason: string; refused: boolean }> {
   return new Promise((resolve) => {
     let opened = false;
-    const connection = dialer.dial({
+    dialer.dial({
       open: () => {
         opened = true;
-        connection.close('test done');
       },
       data: () => {},
-      close: (reason, answered) => resolve({ opened, reason, answered }),
+      close: (reason, refused) => resolve({ opened, reason, refused }),
     });
   });
 }
@@ -41,59 +41,103 @@ async function freePort(): Promise<number> {
   return port;
 }
 
-let pem: { key: string; cert: string };
-let other: { key: string; cert: string };
+let server: { key: string; cert: string };
+let client: { key: string; cert: string };
 const servers: net.Server[] = [];
 
 before(async () => {
-  pem = await generateIdentityPem('net-test-server');
-  other = await generateIdentityPem('net-test-client');
+  server = await generateIdentityPem('net-test-server');
+  client = await generateIdentityPem('net-test-client');
 });
 
 after(() => {
   for (const s of servers) s.close();
 });
 
-async function listen(server: net.Server): Promise<number> {
-  servers.push(server);
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  return (server.address() as AddressInfo).port;
+async function listen(s: net.Server): Promise<number> {
+  servers.push(s);
+  await new Promise<void>((resolve) => s.listen(0, '127.0.0.1', resolve));
+  return (s.address() as AddressInfo).port;
 }
 
-describe('a closed connection says whether the peer took it', () => {
-  it('nobody listening: not answered', async () => {
-    const r = await dialOnce(tcpDialer('127.0.0.1', await freePort()));
-    assert.equal(r.opened, false);
-    assert.equal(r.answered, false);
-    assert.match(r.reason, /ECONNREFUSED/);
-  });
+/** A TLS 1.3 server with `server`'s certificate that says one byte, then ends each connection. */
+function tlsServer(): tls.Server {
+  return tls.createServer({ key: server.key, cert: server.cert, minVersion: 'TLSv1.3' }, (socket) =>
+    socket.end(Buffer.from([1])),
+  );
+}
 
-  it('a listener that takes the connection and drops it: answered', async () => {
+function pinning(fingerprint: string): LinkSecurity {
+  return { identity: identity(client), trust: { fingerprints: [fingerprint] } };
+}
+
+describe('a closed connection says whether it failed authentication', () => {
+  it('plaintext: nobody listening, or a listener that drops the connection: not refused', async () => {
+    const none = await dialOnce(tcpDialer('127.0.0.1', await freePort()));
+    assert.deepEqual([none.opened, none.refused], [false, false]);
+    assert.match(none.reason, /ECONNREFUSED/);
     const port = await listen(net.createServer((socket) => socket.destroy()));
-    const r = await dialOnce(tcpDialer('127.0.0.1', port));
-    assert.equal(r.answered, true);
+    const dropped = await dialOnce(tcpDialer('127.0.0.1', port));
+    assert.equal(dropped.refused, false);
   });
 
-  it('TLS: nobody listening is not answered; a certificate that is not pinned is', async () => {
-    const security = { identity: identity(other), trust: { fingerprints: ['00'.repeat(32)] } };
-    const refusals: string[] = [];
+  it('TLS: nobody listening, or a proxy with nothing behind it: not refused', async () => {
+    const failures: string[] = [];
+    const security = pinning(fingerprintOf(server.cert));
     const none = await dialOnce(
-      tlsDialer('127.0.0.1', await freePort(), security, (f) => refusals.push(f.reason)),
+      tlsDialer('127.0.0.1', await freePort(), security, (f) => failures.push(f.reason)),
     );
-    assert.deepEqual([none.opened, none.answered], [false, false]);
-    assert.equal(refusals.length, 0, 'a secondary that is not there is no authentication failure');
-
-    const port = await listen(tls.createServer({ key: pem.key, cert: pem.cert, minVersion: 'TLSv1.3' }));
-    const refused = await dialOnce(tlsDialer('127.0.0.1', port, security, (f) => refusals.push(f.reason)));
-    assert.deepEqual([refused.opened, refused.answered], [false, true]);
-    assert.equal(refusals.length, 1, `refused once: ${refusals.join('; ')}`);
+    assert.deepEqual([none.opened, none.refused], [false, false]);
+    assert.equal(failures.length, 0, 'a secondary that is not there is no authentication failure');
+    const port = await listen(net.createServer((socket) => socket.destroy()));
+    const dropped = await dialOnce(tlsDialer('127.0.0.1', port, security, (f) => failures.push(f.reason)));
+    assert.deepEqual([dropped.opened, dropped.refused], [false, false]);
   });
 
-  it('TLS: a pinned certificate opens, and a close after that is answered', async () => {
-    const security = { identity: identity(other), trust: { fingerprints: [fingerprintOf(pem.cert)] } };
-    const port = await listen(tls.createServer({ key: pem.key, cert: pem.cert, minVersion: 'TLSv1.3' }));
-    // (Closed by this side before a byte came back, it reads as a likely refusal: not the point here.)
-    const r = await dialOnce(tlsDialer('127.0.0.1', port, security, () => {}));
-    assert.deepEqual([r.opened, r.answered], [true, true]);
+  it("TLS: the secondary's certificate is not the pinned one: refused", async () => {
+    const failures: string[] = [];
+    const port = await listen(tlsServer());
+    const r = await dialOnce(
+      tlsDialer('127.0.0.1', port, pinning('00'.repeat(32)), (f) => failures.push(f.reason)),
+    );
+    assert.deepEqual([r.opened, r.refused], [false, true]);
+    assert.equal(failures.length, 1, `one authentication failure: ${failures.join('; ')}`);
+  });
+
+  it('TLS: a secondary that asks for a client certificate this primary cannot give: refused', async () => {
+    const failures: string[] = [];
+    const strict = tls.createServer({
+      key: server.key,
+      cert: server.cert,
+      minVersion: 'TLSv1.3',
+      requestCert: true,
+      rejectUnauthorized: true,
+      ca: server.cert, // trusts only itself: the primary's certificate is refused with an alert
+    });
+    const port = await listen(strict);
+    const r = await dialOnce(
+      tlsDialer('127.0.0.1', port, pinning(fingerprintOf(server.cert)), (f) => failures.push(f.reason)),
+    );
+    assert.equal(r.refused, true, `closed: ${r.reason}`);
+    assert.ok(failures.length >= 1);
+  });
+
+  it('TLS: a handshake the secondary ends with an alert (TLS 1.2 only): refused', async () => {
+    const failures: string[] = [];
+    const old = tls.createServer({ key: server.key, cert: server.cert, maxVersion: 'TLSv1.2' });
+    const port = await listen(old);
+    const r = await dialOnce(
+      tlsDialer('127.0.0.1', port, pinning(fingerprintOf(server.cert)), (f) => failures.push(f.reason)),
+    );
+    assert.deepEqual([r.opened, r.refused], [false, true]);
+    assert.match(failures.join('; '), /TLS version not supported/);
+  });
+
+  it('TLS: the pinned certificate opens; a close after the secondary spoke is no refusal', async () => {
+    const port = await listen(tlsServer());
+    const r = await dialOnce(
+      tlsDialer('127.0.0.1', port, pinning(fingerprintOf(server.cert)), (f) => assert.fail(f.reason)),
+    );
+    assert.deepEqual([r.opened, r.refused], [true, false]);
   });
 });

@@ -70,10 +70,10 @@ describe('reconnect backoff', () => {
     );
   });
 
-  it('a secondary that takes the connection and drops it before its welcome (TLS refused) is redialed less and less often', () => {
+  it('a connection that fails authentication (a TLS certificate refused) is redialed less and less often', () => {
     const s = session();
     s.start(0);
-    // TCP connected, then closed during the TLS handshake: never opened for the session.
+    // Closed during the TLS handshake, refused: never opened for the session.
     const d = delays(s, 10, (now) => s.handleClose('TLS: certificate unknown', now, true));
     assert.equal(Math.max(...d), REFUSED_RETRY_DELAY_MS_MAX, `delays ${d.join(', ')}`);
     const after = delays(s, 2, (now) => s.handleClose('connect ECONNREFUSED', now, false));

@@ -412,7 +412,7 @@ export class SimNetwork {
   reportClose(end: SimEnd, reason: string): void {
     if (end.closeReported) return;
     end.closeReported = true;
-    end.events?.close(reason, !end.conn.establishing);
+    end.events?.close(reason, false);
   }
 
   /** Things the network can do next, for the scheduler. */
