@@ -118,7 +118,7 @@ async function openServed(opts: PrimaryOptions, authFailures: { count: number })
       '--peer',
       opts.logger,
     );
-    // Redialed up to twice a second: the same refusal is logged once per interval.
+    // Redialed up to 20 times a second while not there: the same refusal is logged once per interval.
     const warnRefused = repeatLimitedWarn(opts.logger, 'replication connection refused');
     dialer = security
       ? tlsDialer(peer.host, peer.port, security, (f) => {

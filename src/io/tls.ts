@@ -87,6 +87,7 @@ export function tlsDialer(
       let heard = false;
       /** Either side refused the other's certificate: the primary then redials slowly. */
       let authFailed = false;
+      let closedHere = false;
       const refused = (f: AuthFailure): void => {
         authFailed = true;
         onRefused(f);
@@ -99,8 +100,9 @@ export function tlsDialer(
         },
         close: (reason) => {
           // TLS 1.3 lets the client finish first: a secondary that refuses our certificate just
-          // closes, before its first byte. Say what that most likely means.
-          if (verified && !heard) {
+          // closes, before its first byte. Say what that most likely means (unless this side
+          // closed it: no welcome in time, say).
+          if (verified && !heard && !closedHere) {
             refused({
               remote: peer,
               reason: `the secondary closed the connection before its welcome: most likely it refused this primary's certificate (${security.identity.fingerprint}); check that the secondary's --allow-peer has it (or its --tls-ca signed it) and that it is valid`,
@@ -110,6 +112,15 @@ export function tlsDialer(
           events.close(reason, authFailed);
         },
       });
+      const { close, end } = connection;
+      connection.close = (why) => {
+        closedHere = true;
+        close(why);
+      };
+      connection.end = (why) => {
+        closedHere = true;
+        end(why);
+      };
       socket.on('error', (err: Error & { code?: string; library?: unknown }) => {
         if (
           !handshaking ||

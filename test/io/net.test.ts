@@ -133,6 +133,27 @@ describe('a closed connection says whether it failed authentication', () => {
     assert.match(failures.join('; '), /TLS version not supported/);
   });
 
+  it('TLS: the pinned certificate opens; this side closing before a byte came back is no refusal', async () => {
+    const failures: string[] = [];
+    const silent = tls.createServer({ key: server.key, cert: server.cert, minVersion: 'TLSv1.3' }, () => {});
+    const port = await listen(silent);
+    const r = await new Promise<{ opened: boolean; refused: boolean }>((resolve) => {
+      let opened = false;
+      const connection = tlsDialer('127.0.0.1', port, pinning(fingerprintOf(server.cert)), (f) =>
+        failures.push(f.reason),
+      ).dial({
+        open: () => {
+          opened = true;
+          connection.close('no welcome from the secondary in time');
+        },
+        data: () => {},
+        close: (_reason, refused) => resolve({ opened, refused }),
+      });
+    });
+    assert.deepEqual([r.opened, r.refused], [true, false]);
+    assert.equal(failures.length, 0, `no authentication failure: ${failures.join('; ')}`);
+  });
+
   it('TLS: the pinned certificate opens; a close after the secondary spoke is no refusal', async () => {
     const port = await listen(tlsServer());
     const r = await dialOnce(
