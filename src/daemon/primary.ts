@@ -16,6 +16,7 @@ import { TlsAcceptor } from '../io/tls-acceptor.js';
 import type { Dialer } from '../io/transport.js';
 import type { NbdTlsMode } from '../nbd/handshake.js';
 import { NbdServer, type NbdTls } from '../nbd/server.js';
+import { encodeRefusalFrame } from '../replication/messages.js';
 import { identityName, loadIdentity } from '../security/identity.js';
 import type { PrimaryNodeStatus } from '../shell/primary-node.js';
 import { PrimaryResponder } from '../shell/primary-responder.js';
@@ -121,10 +122,16 @@ async function openServed(opts: PrimaryOptions, authFailures: { count: number })
     // Redialed up to 20 times a second while not there: the same refusal is logged once per interval.
     const warnRefused = repeatLimitedWarn(opts.logger, 'replication connection refused');
     dialer = security
-      ? tlsDialer(peer.host, peer.port, security, (f) => {
-          authFailures.count += 1;
-          warnRefused({ peer: f.remote, fingerprint: f.fingerprint, reason: f.reason });
-        })
+      ? tlsDialer(
+          peer.host,
+          peer.port,
+          security,
+          (f) => {
+            authFailures.count += 1;
+            warnRefused({ peer: f.remote, fingerprint: f.fingerprint, reason: f.reason });
+          },
+          (f) => opts.logger.debug({ peer: f.remote, reason: f.reason }, 'replication handshake cut off'),
+        )
       : tcpDialer(peer.host, peer.port);
   }
   const volume = await Volume.open(opts.volumePath, {
@@ -302,6 +309,7 @@ export async function startPrimary(opts: PrimaryOptions): Promise<RunningPrimary
         warnResponderRefused({ peer: f.remote, fingerprint: f.fingerprint, reason: f.reason });
       },
       onConnection: (connection) => answer.accept(connection),
+      refusal: encodeRefusalFrame,
     });
     try {
       await listenOn(responderServer, opts.listen);

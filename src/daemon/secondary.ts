@@ -11,6 +11,7 @@ import { Counter, Gauge } from 'prom-client';
 import type { NodeBlockFile } from '../io/block-file.js';
 import { systemClock } from '../io/clock.js';
 import { type LinkSecurity, replicationListener } from '../io/tls.js';
+import { encodeRefusalFrame } from '../replication/messages.js';
 import { identityName } from '../security/identity.js';
 import { SecondaryNode } from '../shell/secondary-node.js';
 import { formatHostPort, type HostPort } from '../util/address.js';
@@ -201,6 +202,7 @@ export async function startSecondary(opts: SecondaryOptions): Promise<RunningSec
       warnRefused({ peer: f.remote, fingerprint: f.fingerprint, reason: f.reason });
     },
     onConnection: (connection) => node.accept(connection),
+    refusal: encodeRefusalFrame,
   });
   const closeStorage = async () => {
     await node.close();

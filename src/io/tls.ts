@@ -8,7 +8,9 @@
  * The listener also bounds what unauthenticated peers can hold: a handshake that does not
  * finish within the timeout is dropped (slow-loris), and connections beyond a number still in
  * their handshake are refused at once. The same listener serves `--insecure-plaintext` (no TLS;
- * the session's hello timeout then bounds a silent peer).
+ * the deadline then holds until the first byte, the session's hello timeout after it). A peer on
+ * the other transport (TLS against plaintext, either way) is told so with a refusal it reads as
+ * one, so that it redials slowly.
  */
 import net from 'node:net';
 import tls from 'node:tls';
@@ -22,6 +24,13 @@ import type { Connection, ConnectionEvents, Dialer } from './transport.js';
 export const HANDSHAKE_TIMEOUT_MS = 10_000;
 /** Connections still in their handshake at once; more are refused. */
 export const UNAUTHENTICATED_CONNECTIONS_MAX = 16;
+
+const BOTH_SIDES = 'both sides need TLS, or both --insecure-plaintext on loopback';
+const NOT_TLS = `not TLS (a plaintext peer? ${BOTH_SIDES})`;
+const TLS_PEER_ON_PLAINTEXT = `a TLS peer, and this side listens in plaintext (--insecure-plaintext): ${BOTH_SIDES}`;
+/** Told to the peer: a plaintext primary logs it; a TLS one fails its handshake on the bytes. */
+const PLAINTEXT_REFUSAL = `the secondary listens in plaintext (--insecure-plaintext): ${BOTH_SIDES}`;
+const TLS_ONLY_REFUSAL = `the secondary speaks TLS only: ${BOTH_SIDES}`;
 
 export interface LinkSecurity {
   identity: Identity;
@@ -49,7 +58,7 @@ function secureContextOptions(security: LinkSecurity): tls.SecureContextOptions 
 /** Why a TLS handshake failed, for a person (OpenSSL's reason, not its source paths). */
 function describeTlsError(err: Error & { code?: string; reason?: string }): string {
   if (err.code === 'ERR_SSL_WRONG_VERSION_NUMBER' || err.code === 'ERR_SSL_HTTP_REQUEST') {
-    return 'not TLS (a plaintext peer? both sides need TLS, or both --insecure-plaintext on loopback)';
+    return NOT_TLS;
   }
   if (
     err.code === 'ERR_SSL_NO_PROTOCOLS_AVAILABLE' ||
@@ -61,12 +70,18 @@ function describeTlsError(err: Error & { code?: string; reason?: string }): stri
   return `TLS handshake failed: ${err.reason ?? err.message.trim()}`;
 }
 
-/** Connects to the secondary over TLS; `open` fires only once its certificate is accepted. */
+/**
+ * Connects to the secondary over TLS; `open` fires only once its certificate is accepted.
+ * `onRefused`: an authentication failure (counted, logged). `onLost`: a connection that closed
+ * mid-handshake without an error of TLS's own (a secondary restarting, a proxy with nothing
+ * behind it): no authentication failure, only a line for debugging.
+ */
 export function tlsDialer(
   host: string,
   port: number,
   security: LinkSecurity,
   onRefused: (f: AuthFailure) => void,
+  onLost: (f: AuthFailure) => void = () => {},
 ): Dialer {
   const peer = net.isIP(host) === 6 ? `[${host}]:${port}` : `${host}:${port}`;
   return {
@@ -134,7 +149,7 @@ export function tlsDialer(
         // An OpenSSL error (an alert from the secondary, say) is a refusal; a connection that
         // closes mid-handshake (a secondary restarting, a proxy with nothing behind it) is not.
         if (typeof err.library === 'string') refused(failure);
-        else onRefused(failure);
+        else onLost(failure);
       });
       socket.once('secureConnect', () => {
         handshaking = false;
@@ -163,22 +178,28 @@ export interface ReplicationListenerOptions {
   onRefused: (f: AuthFailure) => void;
   /** An authenticated (or, in plaintext, any) connection: returns the events its owner wants. */
   onConnection: (connection: Connection) => ConnectionEvents;
+  /**
+   * The bytes of a refusal a primary reads as one (a refuse frame): the last word to a peer on the
+   * wrong transport, so that it redials slowly instead of 20 times a second.
+   */
+  refusal: (reason: string) => Buffer[];
   handshakeTimeoutMs?: number;
   unauthenticatedMax?: number;
 }
 
-/** The secondary's listener: TLS handshake and peer check, bounded, then the connection to its owner. */
+/** A TLS connection's first byte: the record type of its ClientHello. */
+const TLS_HANDSHAKE_RECORD = 0x16;
+
+/**
+ * The secondary's listener: the first bytes say whether the peer speaks this listener's
+ * transport; then the TLS handshake and peer check (or, in plaintext, nothing), all bounded in
+ * time and number; then the connection to its owner.
+ */
 export function replicationListener(opts: ReplicationListenerOptions): net.Server {
   const security = opts.security;
-  if (security === undefined) {
-    return net.createServer({ noDelay: true }, (raw) => {
-      raw.on('error', () => {});
-      hand(raw, false, null);
-    });
-  }
   const timeoutMs = opts.handshakeTimeoutMs ?? HANDSHAKE_TIMEOUT_MS;
   const pendingMax = opts.unauthenticatedMax ?? UNAUTHENTICATED_CONNECTIONS_MAX;
-  const acceptor = new TlsAcceptor({ ...secureContextOptions(security), requestCert: true });
+  const acceptor = security && new TlsAcceptor({ ...secureContextOptions(security), requestCert: true });
   let pending = 0;
   return net.createServer({ noDelay: true }, (raw) => {
     const remote = `${raw.remoteAddress}:${raw.remotePort}`;
@@ -204,30 +225,57 @@ export function replicationListener(opts: ReplicationListenerOptions): net.Serve
     };
     const timer = setTimeout(() => {
       if (!settle()) return;
-      opts.onRefused({ remote, reason: `no TLS handshake within ${timeoutMs} ms`, fingerprint: null });
+      const what = security ? 'TLS handshake' : 'byte';
+      opts.onRefused({ remote, reason: `no ${what} within ${timeoutMs} ms`, fingerprint: null });
       raw.destroy();
     }, timeoutMs);
     timer.unref();
     raw.once('close', () => settle());
-    acceptor.accept(raw, {
-      secure: (socket) => {
-        if (!settle()) return socket.destroy();
-        const verdict = verifyPeer(socket, security.trust);
-        if (!verdict.ok) {
-          opts.onRefused({
-            remote,
-            reason: `refused a primary: ${verdict.reason}`,
-            fingerprint: verdict.fingerprint,
-          });
-          socket.destroy();
-          return;
-        }
-        hand(socket, true, verdict.fingerprint);
-      },
-      failed: (err) => {
-        if (settle()) opts.onRefused({ remote, reason: describeTlsError(err), fingerprint: null });
-      },
+    raw.once('data', (first: Buffer) => {
+      // Put the bytes back for whoever reads next (node's TLS socket takes a paused socket's
+      // buffered bytes first).
+      raw.pause();
+      raw.unshift(first);
+      const tlsPeer = first[0] === TLS_HANDSHAKE_RECORD;
+      if (security === undefined) {
+        if (tlsPeer) return refuseTransport(raw, remote, TLS_PEER_ON_PLAINTEXT, PLAINTEXT_REFUSAL);
+        if (!settle()) return;
+        hand(raw, false, null);
+        raw.resume();
+        return;
+      }
+      if (!tlsPeer) return refuseTransport(raw, remote, NOT_TLS, TLS_ONLY_REFUSAL);
+      acceptor!.accept(raw, {
+        secure: (socket) => {
+          if (!settle()) return socket.destroy();
+          const verdict = verifyPeer(socket, security.trust);
+          if (!verdict.ok) {
+            opts.onRefused({
+              remote,
+              reason: `refused a primary: ${verdict.reason}`,
+              fingerprint: verdict.fingerprint,
+            });
+            socket.destroy();
+            return;
+          }
+          hand(socket, true, verdict.fingerprint);
+        },
+        failed: (err) => {
+          if (settle()) opts.onRefused({ remote, reason: describeTlsError(err), fingerprint: null });
+        },
+      });
     });
+
+    /**
+     * A peer on the wrong transport gets a refusal frame as its last word: a plaintext primary
+     * reads it as a refusal, a TLS one fails its handshake on it; either then redials slowly.
+     */
+    function refuseTransport(socket: net.Socket, from: string, logged: string, told: string): void {
+      if (!settle()) return;
+      opts.onRefused({ remote: from, reason: logged, fingerprint: null });
+      socket.end(Buffer.concat(opts.refusal(told)));
+      setTimeout(() => socket.destroy(), 1000).unref();
+    }
   });
 
   function hand(socket: net.Socket, secure: boolean, fingerprint: string | null): void {

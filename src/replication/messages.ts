@@ -3,7 +3,13 @@
  * exactly the expected shape is a protocol error with a reason, never an exception.
  */
 import assert from 'node:assert/strict';
-import { FRAME_UPDATE_OVERHEAD_BYTES, type FrameTypeName, payloadBytes, type RawFrame } from './frames.js';
+import {
+  encodeFrame,
+  FRAME_UPDATE_OVERHEAD_BYTES,
+  type FrameTypeName,
+  payloadBytes,
+  type RawFrame,
+} from './frames.js';
 import { type Generations, type HandshakeDecision, parseGenerations } from './generations.js';
 
 export type UpdateKind = 'data' | 'zero' | 'trim';
@@ -133,6 +139,11 @@ const DECISIONS: readonly HandshakeDecision[] = [
 
 export function encodeJson(value: object): Buffer {
   return Buffer.from(JSON.stringify(value));
+}
+
+/** A whole refuse frame: what a listener says to a peer before any session has begun. */
+export function encodeRefusalFrame(reason: string): Buffer[] {
+  return encodeFrame('refuse', [encodeJson({ reason } satisfies Refusal)]);
 }
 
 export function decodeMessage(frame: RawFrame): Message | { type: 'invalid'; reason: string } {

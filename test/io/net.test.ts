@@ -8,9 +8,12 @@ import assert from 'node:assert/strict';
 import net, { type AddressInfo } from 'node:net';
 import { after, before, describe, it } from 'node:test';
 import tls from 'node:tls';
+import { ChunkQueue } from '../../src/io/chunk-queue.js';
 import { tcpDialer } from '../../src/io/net.js';
-import { type LinkSecurity, tlsDialer } from '../../src/io/tls.js';
-import type { Dialer } from '../../src/io/transport.js';
+import { type AuthFailure, type LinkSecurity, replicationListener, tlsDialer } from '../../src/io/tls.js';
+import type { Connection, Dialer } from '../../src/io/transport.js';
+import { FrameDecoder } from '../../src/replication/frames.js';
+import { decodeMessage, encodeRefusalFrame } from '../../src/replication/messages.js';
 import { fingerprintOf } from '../../src/security/fingerprint.js';
 import { generateIdentityPem, type Identity } from '../../src/security/identity.js';
 
@@ -90,8 +93,23 @@ describe('a closed connection says whether it failed authentication', () => {
     assert.deepEqual([none.opened, none.refused], [false, false]);
     assert.equal(failures.length, 0, 'a secondary that is not there is no authentication failure');
     const port = await listen(net.createServer((socket) => socket.destroy()));
-    const dropped = await dialOnce(tlsDialer('127.0.0.1', port, security, (f) => failures.push(f.reason)));
+    const lost: string[] = [];
+    const dropped = await dialOnce(
+      tlsDialer(
+        '127.0.0.1',
+        port,
+        security,
+        (f) => failures.push(f.reason),
+        (f) => lost.push(f.reason),
+      ),
+    );
     assert.deepEqual([dropped.opened, dropped.refused], [false, false]);
+    assert.equal(
+      failures.length,
+      0,
+      `a handshake cut off is no authentication failure: ${failures.join('; ')}`,
+    );
+    assert.equal(lost.length, 1, 'reported as a handshake cut off');
   });
 
   it("TLS: the secondary's certificate is not the pinned one: refused", async () => {
@@ -160,5 +178,102 @@ describe('a closed connection says whether it failed authentication', () => {
       tlsDialer('127.0.0.1', port, pinning(fingerprintOf(server.cert)), (f) => assert.fail(f.reason)),
     );
     assert.deepEqual([r.opened, r.refused], [true, false]);
+  });
+});
+
+/** A secondary's listener on loopback: its refusals, and the connections it handed on (echoed back). */
+async function secondaryListener(security: LinkSecurity | undefined) {
+  const refusals: AuthFailure[] = [];
+  const handed: Connection[] = [];
+  const port = await listen(
+    replicationListener({
+      security,
+      onRefused: (f) => refusals.push(f),
+      onConnection: (connection) => {
+        handed.push(connection);
+        return { open: () => {}, data: (chunk) => connection.write([chunk]), close: () => {} };
+      },
+      refusal: encodeRefusalFrame,
+    }),
+  );
+  return { port, refusals, handed };
+}
+
+/** The secondary's side of the link: its certificate, and the client's pinned. */
+function secondarySecurity(): LinkSecurity {
+  return { identity: identity(server), trust: { fingerprints: [fingerprintOf(client.cert)] } };
+}
+
+/** A plaintext connection that sends `bytes`: everything it got back, once closed. */
+function plaintextExchange(port: number, bytes: Buffer): Promise<Buffer> {
+  return new Promise((resolve) => {
+    const got: Buffer[] = [];
+    const socket = net.connect({ host: '127.0.0.1', port }, () => socket.write(bytes));
+    socket.on('error', () => {});
+    socket.on('data', (chunk: Buffer) => {
+      got.push(chunk);
+      if (Buffer.concat(got).length >= bytes.length) socket.end();
+    });
+    socket.on('close', () => resolve(Buffer.concat(got)));
+  });
+}
+
+describe('a peer on the other transport is told so, in words it reads as a refusal', () => {
+  it('a TLS primary against a plaintext listener: refused on both sides, no connection handed on', async () => {
+    const listener = await secondaryListener(undefined);
+    const failures: string[] = [];
+    const r = await dialOnce(
+      tlsDialer('127.0.0.1', listener.port, pinning(fingerprintOf(server.cert)), (f) =>
+        failures.push(f.reason),
+      ),
+    );
+    assert.deepEqual([r.opened, r.refused], [false, true], `closed: ${r.reason}`);
+    assert.match(failures.join('; '), /^not TLS \(a plaintext peer\?/);
+    assert.deepEqual(
+      listener.refusals.map((f) => f.reason),
+      [
+        'a TLS peer, and this side listens in plaintext (--insecure-plaintext): both sides need TLS, or both --insecure-plaintext on loopback',
+      ],
+    );
+    assert.equal(listener.handed.length, 0);
+  });
+
+  it('a plaintext primary against a TLS listener: a refuse frame back, "not TLS" logged', async () => {
+    const listener = await secondaryListener(secondarySecurity());
+    const hello = Buffer.concat(encodeRefusalFrame('any frame will do'));
+    const reply = await plaintextExchange(listener.port, hello);
+    const queue = new ChunkQueue();
+    queue.push(reply);
+    const decoded = new FrameDecoder().next(queue);
+    assert.equal(decoded?.kind, 'frame', `a frame back: ${reply.toString('hex').slice(0, 80)}`);
+    const message = decodeMessage(decoded.frame);
+    assert.equal(message.type, 'refuse');
+    assert.match(message.refusal.reason, /^the secondary speaks TLS only/);
+    assert.match(listener.refusals.map((f) => f.reason).join('; '), /^not TLS \(a plaintext peer\?/);
+    assert.equal(listener.handed.length, 0);
+  });
+
+  it('the right transport: the first bytes reach the connection handed on, plaintext and TLS', async () => {
+    const plain = await secondaryListener(undefined);
+    const bytes = Buffer.concat(encodeRefusalFrame('echo me'));
+    assert.deepEqual(await plaintextExchange(plain.port, bytes), bytes);
+    assert.equal(plain.handed.length, 1);
+    const secure = await secondaryListener(secondarySecurity());
+    const echoed = await new Promise<Buffer>((resolve) => {
+      const connection = tlsDialer('127.0.0.1', secure.port, pinning(fingerprintOf(server.cert)), (f) =>
+        assert.fail(f.reason),
+      ).dial({
+        open: () => connection.write([bytes]),
+        data: (chunk) => {
+          connection.close('done');
+          resolve(chunk);
+        },
+        close: () => {},
+      });
+    });
+    assert.deepEqual(echoed, bytes);
+    assert.deepEqual(secure.refusals, []);
+    assert.equal(secure.handed.length, 1);
+    assert.equal(secure.handed[0]!.secure, true);
   });
 });

@@ -246,10 +246,11 @@ async function refusedPair(
   }
   // The primary retries (20 ms, 40 ms, 80 ms, ... up to every 5 s): none of its attempts gets through.
   await neverConnected(primary, secondary, 1500, c.refuser === 'primary');
-  assert.ok(
-    (await metric(refuser, AUTH_FAILURES)) >= 3,
-    `every attempt is refused: ${AUTH_FAILURES} on the ${c.refuser}`,
-  );
+  const attempts = await metric(refuser, AUTH_FAILURES);
+  assert.ok(attempts >= 3, `every attempt is refused: ${AUTH_FAILURES} on the ${c.refuser}`);
+  // Told it was refused, the primary backs off (a secondary that is only not there yet is
+  // redialed every 50 ms: 40 times in these 2 s and more).
+  assert.ok(attempts <= 15, `the primary redials slowly after a refusal: ${attempts} attempts`);
   // Logged once: the same refusal again is counted, folded into the next line 30 s later.
   assert.equal(refusals(refuser.stderr()).length, 1, 'the refusal is logged once, not at the retry rate');
   assert.equal(await primary.stop(), 0);
@@ -569,6 +570,20 @@ describe('replication link security (TLS 1.3, mutual)', { timeout: 240_000 }, ()
       fingerprint: () => null,
     });
     assert.match(primary.stderr(), /replication link in plaintext \(--insecure-plaintext\)/);
+    assert.match(primary.stderr(), /"reason":"the secondary speaks TLS only: both sides need TLS/);
+  });
+
+  it('(5b) a TLS primary against a plaintext secondary (--insecure-plaintext): refused both ways, never connects', async () => {
+    await refusedPair({
+      name: 'plaintext-secondary',
+      secondaryFlags: () => ['--insecure-plaintext'],
+      primaryFlags: (v) => ['--peer-fingerprint', identityOf(v.secondary)],
+      refuser: 'secondary',
+      reason: /^a TLS peer, and this side listens in plaintext \(--insecure-plaintext\)/,
+      fingerprint: () => null,
+      primaryReason: /^not TLS \(a plaintext peer\? both sides need TLS/,
+      primaryFingerprint: () => null,
+    });
   });
 
   it('(6) a TLS client without a certificate is refused ("presented no certificate"); so is TLS 1.2', async () => {
