@@ -41,6 +41,32 @@ export class IndicatorMap {
     return Math.ceil(regionCount / WORD_BITS) * 4;
   }
 
+  /**
+   * The regions a snapshot sets, without building a map (one bit per region is 30 MiB for
+   * 15 TiB: a copy just to check it would double that). Refuses a snapshot of the wrong size or
+   * with bits beyond `regionCount`, like fromBytes.
+   */
+  static countOf(regionCount: number, bytes: Uint8Array): number {
+    const words = IndicatorMap.byteLength(regionCount) / 4;
+    if (bytes.length !== words * 4) {
+      throw new VolrepError(
+        'VOLREP_ERR_BITMAP_SIZE',
+        `bitmap has ${bytes.length} bytes, expected ${words * 4} for ${regionCount} regions`,
+      );
+    }
+    const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+    const tailBits = regionCount % WORD_BITS;
+    if (tailBits !== 0 && view.getUint32((words - 1) * 4, true) >>> tailBits !== 0) {
+      throw new VolrepError('VOLREP_ERR_BITMAP_CORRUPT', 'bitmap has bits set beyond the last region');
+    }
+    let count = 0;
+    for (let i = 0; i < words; i++) {
+      const word = view.getUint32(i * 4, true);
+      if (word !== 0) count += popcount32(word);
+    }
+    return count;
+  }
+
   /** Builds a map from a snapshot; refuses bits beyond `regionCount` (they would be garbage). */
   static fromBytes(regionCount: number, bytes: Uint8Array): IndicatorMap {
     const map = new IndicatorMap(regionCount);
@@ -180,10 +206,11 @@ export class IndicatorMap {
 
   /** Sets every bit that is set in `bytes` (a snapshot of the same size). */
   union(bytes: Uint8Array): void {
-    const other = IndicatorMap.fromBytes(this.regionCount, bytes);
+    IndicatorMap.countOf(this.regionCount, bytes);
+    const other = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
     this.frozen?.preserve(0, this.words.length);
     for (let i = 0; i < this.words.length; i++) {
-      const add = other.words[i] & ~this.words[i];
+      const add = other.getUint32(i * 4, true) & ~this.words[i];
       if (add !== 0) {
         this.words[i] |= add;
         this.setCount += popcount32(add);

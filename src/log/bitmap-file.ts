@@ -114,7 +114,7 @@ export class BitmapFile {
         continue;
       }
       // Validates the bits beyond the last region too.
-      IndicatorMap.fromBytes(regionCount, bits);
+      IndicatorMap.countOf(regionCount, bits);
       const other = 1 - slot;
       if (candidates.some((c) => c.slot === other && c.h.seq > h.seq)) {
         await file.write(other * slotBytes, new Uint8Array(BITMAP_SLOT_HEADER_BYTES));

@@ -278,21 +278,31 @@ async function readHeader(file: BlockFile): Promise<LogHeader> {
   return best;
 }
 
+/** Bytes of the record area a scan reads at a time: what recovery holds, whatever the log's size. */
+export const SCAN_WINDOW_BYTES = 1 << 20;
+
 /**
  * Walks the records from the tail; the first position that does not hold a valid record with
  * the expected lsn is the end (a torn or corrupt record is the end too). Reads the record area
- * once: the cost grows with the log's size, not the volume's.
+ * in order, a window at a time, up to the end: the cost grows with what the log holds.
  */
 async function scanRecords(file: BlockFile, header: LogHeader): Promise<LogScan> {
   const capacity = header.capacity;
-  const ring = await file.read(LOG_DATA_OFFSET, capacity);
-  const readRing = (lsn: number, length: number): Uint8Array => {
-    const at = lsn % capacity;
-    if (at + length <= capacity) return ring.subarray(at, at + length);
-    const out = new Uint8Array(length);
-    out.set(ring.subarray(at));
-    out.set(ring.subarray(0, length - (capacity - at)), capacity - at);
-    return out;
+  let windowLsn = header.tailLsn;
+  let window: Uint8Array = new Uint8Array(0);
+  /** The record area's bytes from `lsn`, through the window (read again from `lsn` when past it). */
+  const readRing = async (lsn: number, length: number): Promise<Uint8Array> => {
+    if (lsn < windowLsn || lsn + length > windowLsn + window.length) {
+      const size = Math.min(capacity, Math.max(SCAN_WINDOW_BYTES, length));
+      const at = lsn % capacity;
+      const first = await file.read(LOG_DATA_OFFSET + at, Math.min(size, capacity - at));
+      window =
+        first.length === size
+          ? first
+          : concat([first, await file.read(LOG_DATA_OFFSET, size - first.length)], size);
+      windowLsn = lsn;
+    }
+    return window.subarray(lsn - windowLsn, lsn - windowLsn + length);
   };
   const records: LogRecord[] = [];
   let lsn = header.tailLsn;
@@ -300,13 +310,15 @@ async function scanRecords(file: BlockFile, header: LogHeader): Promise<LogScan>
   let end: ScanEnd = 'clean';
   let epoch = 0;
   while (lsn - header.tailLsn + RECORD_HEADER_BYTES <= capacity) {
-    const head = readRing(lsn, RECORD_HEADER_BYTES);
+    const head = await readRing(lsn, RECORD_HEADER_BYTES);
     const view = new DataView(head.buffer, head.byteOffset, head.byteLength);
     const length = peekRecordLength(head);
     // Bytes that name this lsn and a plausible length were meant as this record: torn.
     const claimsHere = length !== undefined && view.getBigUint64(16, true) === BigInt(lsn);
     const bytes =
-      length !== undefined && lsn - header.tailLsn + length <= capacity ? readRing(lsn, length) : undefined;
+      length !== undefined && lsn - header.tailLsn + length <= capacity
+        ? await readRing(lsn, length)
+        : undefined;
     let record = bytes && decodeRecord(bytes, lsn);
     if (record !== undefined) {
       // A leftover of an earlier boot behind this boot's records is not part of the log.

@@ -448,7 +448,7 @@ export class PrimarySession {
     this.peerDirty = undefined;
     let peerDirtyCount = 0;
     try {
-      if (peerDirty !== undefined) peerDirtyCount = IndicatorMap.fromBytes(this.regionCount, peerDirty).count;
+      if (peerDirty !== undefined) peerDirtyCount = IndicatorMap.countOf(this.regionCount, peerDirty);
     } catch {
       return this.fail("the secondary's dirty bitmap names regions beyond the volume");
     }

@@ -166,8 +166,9 @@ export class SecondaryNode {
 
   /** The own dirty bitmap in pieces for the welcome (only pieces with a bit set). */
   private ownDirty(): ReplicaDirty {
-    const bits = this.own.dirty.snapshot();
     const pieces: DirtyBitmapPiece[] = [];
+    // A view, not a copy (one bit per region is 30 MiB for 15 TiB); the pieces sent are copies.
+    const bits = this.own.dirty.view();
     if (this.own.dirty.count > 0)
       for (let at = 0; at < bits.length; at += DIRTY_BITMAP_PIECE_BYTES) {
         const piece = bits.subarray(at, Math.min(bits.length, at + DIRTY_BITMAP_PIECE_BYTES));

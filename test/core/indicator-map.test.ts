@@ -75,6 +75,10 @@ describe('IndicatorMap', () => {
     const bytes = new Uint8Array(IndicatorMap.byteLength(70));
     bytes[11] = 0x80;
     assert.throws(() => IndicatorMap.fromBytes(70, bytes), { code: 'VOLREP_ERR_BITMAP_CORRUPT' });
+    // countOf checks without building a map: the same refusals.
+    assert.throws(() => IndicatorMap.countOf(70, new Uint8Array(4)), { code: 'VOLREP_ERR_BITMAP_SIZE' });
+    assert.throws(() => IndicatorMap.countOf(70, bytes), { code: 'VOLREP_ERR_BITMAP_CORRUPT' });
+    assert.throws(() => new IndicatorMap(70).union(bytes), { code: 'VOLREP_ERR_BITMAP_CORRUPT' });
   });
 
   it('union sets the bits of another snapshot and keeps the count', () => {
@@ -114,6 +118,14 @@ describe('IndicatorMap', () => {
           );
           const copy = IndicatorMap.fromBytes(n, m.snapshot());
           assert.equal(copy.count, ref.size);
+          // Also from a snapshot that does not start on a word (a view into a received frame).
+          const unaligned = new Uint8Array(m.snapshot().length + 1).subarray(1);
+          unaligned.set(m.snapshot());
+          assert.equal(IndicatorMap.countOf(n, unaligned), ref.size);
+          const merged = new IndicatorMap(n);
+          merged.set(0);
+          merged.union(unaligned);
+          assert.equal(merged.count, ref.size + (ref.has(0) ? 0 : 1));
           for (let r = 0; r < n; r++) assert.equal(copy.test(r), ref.has(r));
         },
       ),

@@ -15,7 +15,7 @@ import {
   LOG_FORMAT_VERSION,
   LOG_HEADER_SLOT_BYTES,
 } from '../../src/log/format.js';
-import { LogFile } from '../../src/log/log-file.js';
+import { LogFile, SCAN_WINDOW_BYTES } from '../../src/log/log-file.js';
 import { Prng } from '../sim/prng.js';
 import { SimDisk } from '../sim/sim-disk.js';
 
@@ -224,6 +224,44 @@ describe('LogFile', () => {
       }
     }
     assert.ok(rs.lsn > 10 * capacity, 'wrapped many times');
+  });
+
+  it('scans a log larger than its read window a window at a time, across window edges and the wrap', async () => {
+    const capacity = 2 * SCAN_WINDOW_BYTES + 4096;
+    const disk = await fresh(capacity);
+    let { log } = await LogFile.open(disk);
+    const rs = new Records();
+    const live: LogRecord[] = [];
+    // ~1 KiB records, about 1.5 windows of them live, the ring wrapped more than once.
+    for (let i = 0; rs.lsn < 2.5 * capacity; i++) {
+      const r = rs.begin(
+        Array.from({ length: 60 + (i % 7) }, (_, k) => [i * 70 + k, 1] as [number, number]),
+        i + 1,
+      );
+      while (live.length > 0 && rs.lsn - live[0].lsn > 1.5 * SCAN_WINDOW_BYTES) live.shift();
+      log.setTail(live[0]?.lsn ?? r.lsn, 1);
+      log.append(r);
+      live.push(r);
+      if (i % 500 === 499) await log.flush();
+    }
+    await log.flush();
+    const reads: number[] = [];
+    const counting: BlockFile = {
+      get size() {
+        return disk.size;
+      },
+      read: (offset, length) => {
+        reads.push(length);
+        return disk.read(offset, length);
+      },
+      write: (offset, data) => disk.write(offset, data),
+      sync: () => disk.sync(),
+    };
+    const reopened = await LogFile.open(counting);
+    assert.deepEqual(reopened.scan.records.slice(-live.length), live);
+    assert.equal(reopened.scan.headLsn, rs.lsn);
+    assert.ok(Math.max(...reads) <= SCAN_WINDOW_BYTES, `reads of at most a window: ${Math.max(...reads)}`);
+    log = reopened.log;
   });
 
   it('refuses to overrun live records (the engine checks space first)', async () => {
