@@ -201,7 +201,9 @@ export function replicationListener(opts: ReplicationListenerOptions): net.Serve
   const pendingMax = opts.unauthenticatedMax ?? UNAUTHENTICATED_CONNECTIONS_MAX;
   const acceptor = security && new TlsAcceptor({ ...secureContextOptions(security), requestCert: true });
   let pending = 0;
-  return net.createServer({ noDelay: true }, (raw) => {
+  /** Connections not yet handed on: nobody else closes them when the listener closes. */
+  const unsettled = new Set<net.Socket>();
+  const server = net.createServer({ noDelay: true }, (raw) => {
     const remote = `${raw.remoteAddress}:${raw.remotePort}`;
     raw.on('error', () => {});
     if (pending >= pendingMax) {
@@ -215,11 +217,13 @@ export function replicationListener(opts: ReplicationListenerOptions): net.Serve
     }
     // Admission and the deadline are the raw socket's: slow-loris gets no more than timeoutMs.
     pending += 1;
+    unsettled.add(raw);
     let settled = false;
     const settle = () => {
       if (settled) return false;
       settled = true;
       pending -= 1;
+      unsettled.delete(raw);
       clearTimeout(timer);
       return true;
     };
@@ -240,8 +244,7 @@ export function replicationListener(opts: ReplicationListenerOptions): net.Serve
       if (security === undefined) {
         if (tlsPeer) return refuseTransport(raw, remote, TLS_PEER_ON_PLAINTEXT, PLAINTEXT_REFUSAL);
         if (!settle()) return;
-        hand(raw, false, null);
-        raw.resume();
+        hand(raw, false, null, true);
         return;
       }
       if (!tlsPeer) return refuseTransport(raw, remote, NOT_TLS, TLS_ONLY_REFUSAL);
@@ -277,8 +280,18 @@ export function replicationListener(opts: ReplicationListenerOptions): net.Serve
       setTimeout(() => socket.destroy(), 1000).unref();
     }
   });
+  // A stopping daemon waits for its listener to close, which waits for every connection: one
+  // still silent would hold the stop until its deadline.
+  const close = server.close.bind(server);
+  server.close = (callback?: (err?: Error) => void) => {
+    close(callback);
+    for (const raw of unsettled) raw.destroy();
+    return server;
+  };
+  return server;
 
-  function hand(socket: net.Socket, secure: boolean, fingerprint: string | null): void {
+  /** `resume`: the socket was paused to look at its first bytes (flowing again once the owner has it). */
+  function hand(socket: net.Socket, secure: boolean, fingerprint: string | null, resume = false): void {
     let events: ConnectionEvents | undefined;
     const connection = socketConnection(socket, {
       open: () => {},
@@ -286,6 +299,8 @@ export function replicationListener(opts: ReplicationListenerOptions): net.Serve
       close: (reason, refused) => events?.close(reason, refused),
     });
     Object.assign(connection, { secure, peerFingerprint: fingerprint });
+    // Before the owner sees it: an owner that pauses the connection at once stays paused.
+    if (resume) socket.resume();
     events = opts.onConnection(connection);
   }
 }

@@ -276,4 +276,32 @@ describe('a peer on the other transport is told so, in words it reads as a refus
     assert.equal(secure.handed.length, 1);
     assert.equal(secure.handed[0]!.secure, true);
   });
+
+  it('closing the listener closes the connections not handed on yet (a stop is not held by a silent peer)', async () => {
+    for (const security of [undefined, secondarySecurity()]) {
+      const refusals: AuthFailure[] = [];
+      const server = replicationListener({
+        security,
+        onRefused: (f) => refusals.push(f),
+        onConnection: () => assert.fail('nothing to hand on'),
+        refusal: encodeRefusalFrame,
+      });
+      await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+      const { port } = server.address() as AddressInfo;
+      const silent = net.connect({ host: '127.0.0.1', port });
+      silent.on('error', () => {});
+      const peerClosed = new Promise<void>((resolve) => silent.once('close', () => resolve()));
+      await new Promise<void>((resolve) => silent.once('connect', () => resolve()));
+      // TLS: one byte of a ClientHello, so that the handshake has begun.
+      if (security) silent.write(Buffer.from([0x16, 0x03]));
+      // The listener has taken it (its deadline is 10 s): now stop.
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      const t0 = performance.now();
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+      const ms = performance.now() - t0;
+      assert.ok(ms < 2000, `closed in ${ms.toFixed(0)} ms (${security ? 'TLS' : 'plaintext'})`);
+      await peerClosed;
+      assert.deepEqual(refusals, [], 'a stop is no refusal');
+    }
+  });
 });

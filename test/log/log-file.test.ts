@@ -229,7 +229,7 @@ describe('LogFile', () => {
   it('scans a log larger than its read window a window at a time, across window edges and the wrap', async () => {
     const capacity = 2 * SCAN_WINDOW_BYTES + 4096;
     const disk = await fresh(capacity);
-    let { log } = await LogFile.open(disk);
+    const { log } = await LogFile.open(disk);
     const rs = new Records();
     const live: LogRecord[] = [];
     // ~1 KiB records, about 1.5 windows of them live, the ring wrapped more than once.
@@ -261,7 +261,6 @@ describe('LogFile', () => {
     assert.deepEqual(reopened.scan.records.slice(-live.length), live);
     assert.equal(reopened.scan.headLsn, rs.lsn);
     assert.ok(Math.max(...reads) <= SCAN_WINDOW_BYTES, `reads of at most a window: ${Math.max(...reads)}`);
-    log = reopened.log;
   });
 
   it('refuses to overrun live records (the engine checks space first)', async () => {
