@@ -160,7 +160,7 @@ export class SecondaryNode {
     const own = this.own;
     own.dirty = new IndicatorMap(own.regionCount);
     this.clearing = this.clearing
-      .then(() => own.bitmap.persist(own.dirty.snapshot(), own.coveredLsn, own.idLimit))
+      .then(() => persistOwnDirty(own))
       .catch((err: unknown) => this.fail(err, 'io'));
   }
 
@@ -381,9 +381,14 @@ async function openOwnDirty(storage: SecondaryStorage, regionCount: number): Pro
   const r = await recover(storage.log, storage.bitmap, regionCount);
   const dirty = IndicatorMap.adopt(regionCount, r.state.dirty);
   const own = { bitmap: r.bitmap, dirty, regionCount, coveredLsn: r.log.headLsn, idLimit: r.state.idLimit };
-  if (r.report.records > 0 || r.report.dirty !== r.report.bitmapDirty)
-    await r.bitmap.persist(dirty.snapshot(), own.coveredLsn, own.idLimit);
+  if (r.report.records > 0 || r.report.dirty !== r.report.bitmapDirty) await persistOwnDirty(own);
   return own;
+}
+
+/** Writes the own dirty bitmap as it is now, from a frozen image: no copy of one bit per region. */
+function persistOwnDirty(own: OwnDirty): Promise<void> {
+  const image = own.dirty.freeze([]);
+  return own.bitmap.persist(image, own.coveredLsn, own.idLimit).finally(() => image.release());
 }
 
 /** A replica-state record; one written before generations existed gets the volume's legacy generation. */
