@@ -272,9 +272,12 @@ export function replicationListener(opts: ReplicationListenerOptions): net.Serve
     /**
      * A peer on the wrong transport gets a refusal frame as its last word: a plaintext primary
      * reads it as a refusal, a TLS one fails its handshake on it; either then redials slowly.
+     * The connection counts as unauthenticated until it is gone (at most a second more): a flood
+     * of them is held to the same bound as any other.
      */
     function refuseTransport(socket: net.Socket, from: string, logged: string, told: string): void {
-      if (!settle()) return;
+      if (settled) return;
+      clearTimeout(timer);
       opts.onRefused({ remote: from, reason: logged, fingerprint: null });
       socket.end(Buffer.concat(opts.refusal(told)));
       setTimeout(() => socket.destroy(), 1000).unref();

@@ -304,4 +304,42 @@ describe('a peer on the other transport is told so, in words it reads as a refus
       assert.deepEqual(refusals, [], 'a stop is no refusal');
     }
   });
+
+  it('a peer refused for its transport counts against the bound on unauthenticated connections until it is gone', async () => {
+    const refusals: AuthFailure[] = [];
+    const server = replicationListener({
+      security: secondarySecurity(),
+      onRefused: (f) => refusals.push(f),
+      onConnection: () => assert.fail('nothing to hand on'),
+      refusal: encodeRefusalFrame,
+      unauthenticatedMax: 1,
+    });
+    const port = await listen(server);
+    const connect = async (opts: { allowHalfOpen?: boolean } = {}) => {
+      const socket = net.connect({ host: '127.0.0.1', port, ...opts });
+      socket.on('error', () => {});
+      const closed = new Promise<void>((resolve) => socket.once('close', () => resolve()));
+      await new Promise<void>((resolve) => socket.once('connect', () => resolve()));
+      return { socket, closed };
+    };
+    // A peer that takes the refusal and keeps its side open (as a flood would).
+    const stubborn = await connect({ allowHalfOpen: true });
+    const refused = new Promise<void>((resolve) => stubborn.socket.once('end', () => resolve()));
+    stubborn.socket.resume();
+    stubborn.socket.write(Buffer.concat(encodeRefusalFrame('plaintext hello')));
+    await refused;
+    assert.match(refusals[0]?.reason ?? '', /^not TLS/);
+    const next = await connect();
+    await next.closed;
+    assert.match(refusals[1]?.reason ?? '', /too many connections still in their handshake \(1\)/);
+    // The listener drops the refused peer within a second (which a half-open peer does not
+    // notice); then there is room again.
+    await new Promise((resolve) => setTimeout(resolve, 1300));
+    const later = await connect();
+    await new Promise((resolve) => setTimeout(resolve, 100));
+    assert.equal(later.socket.destroyed, false, 'admitted once the refused peer is gone');
+    assert.equal(refusals.length, 2);
+    later.socket.destroy();
+    stubborn.socket.destroy();
+  });
 });
