@@ -184,23 +184,11 @@ export class IndicatorMap {
 
   /** Replaces every bit from a snapshot of the same region count. */
   load(bytes: Uint8Array): void {
-    if (bytes.length !== this.words.length * 4) {
-      throw new VolrepError(
-        'VOLREP_ERR_BITMAP_SIZE',
-        `bitmap has ${bytes.length} bytes, expected ${this.words.length * 4} for ${this.regionCount} regions`,
-      );
-    }
+    // Checked before anything changes: a snapshot refused leaves the map as it was.
+    const count = IndicatorMap.countOf(this.regionCount, bytes);
     const view = new Uint8Array(this.words.buffer, this.words.byteOffset, this.words.byteLength);
     this.frozen?.preserve(0, this.words.length);
     if (view.buffer !== bytes.buffer || view.byteOffset !== bytes.byteOffset) view.set(bytes);
-    const tailBits = this.regionCount % WORD_BITS;
-    if (tailBits !== 0 && this.words[this.words.length - 1] >>> tailBits !== 0) {
-      throw new VolrepError('VOLREP_ERR_BITMAP_CORRUPT', 'bitmap has bits set beyond the last region');
-    }
-    let count = 0;
-    for (let i = 0; i < this.words.length; i++) {
-      if (this.words[i] !== 0) count += popcount32(this.words[i]);
-    }
     this.setCount = count;
   }
 
