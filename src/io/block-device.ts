@@ -8,6 +8,11 @@ export type Done = (err: Error | null) => void;
 export interface BlockDevice {
   readonly size: number;
   readonly readOnly: boolean;
+  /**
+   * write() reads `data` for nothing once it has called done without an error (it keeps no view
+   * of it to send on later): the caller may then reuse that memory. Absent means false.
+   */
+  readonly payloadReusableAfterWrite?: boolean;
   /** Fills `buf[at, at + length)` with the bytes at `offset`. */
   read(offset: number, length: number, buf: Buffer, at: number, done: Done): void;
   /** Writes the concatenation of `data` (total `length` bytes) at `offset`; durable before done if `fua`. */

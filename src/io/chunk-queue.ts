@@ -7,6 +7,9 @@ export class ChunkQueue {
   private head = 0; // read position inside chunks[0]
   private total = 0;
 
+  /** `onDrop` hears of every chunk once all its bytes were taken or discarded. */
+  constructor(private readonly onDrop?: (chunk: Buffer) => void) {}
+
   get length(): number {
     return this.total;
   }
@@ -69,8 +72,9 @@ export class ChunkQueue {
     this.head += n;
     this.total -= n;
     if (this.head === this.chunks[0].length) {
-      this.chunks.shift();
+      const chunk = this.chunks.shift()!;
       this.head = 0;
+      this.onDrop?.(chunk);
     }
   }
 }

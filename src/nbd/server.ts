@@ -8,6 +8,7 @@ import net from 'node:net';
 import type { Logger } from 'pino';
 import type { BlockDevice } from '../io/block-device.js';
 import { ChunkQueue } from '../io/chunk-queue.js';
+import { adoptWithPooledReads, ReceiveSlabs } from '../io/receive-slabs.js';
 import type { TlsAcceptor } from '../io/tls-acceptor.js';
 import { type ExportInfo, Handshake, type NbdTlsMode, type NegotiatedSession } from './handshake.js';
 import * as P from './protocol.js';
@@ -52,6 +53,15 @@ export class NbdServer {
   private readonly connections = new Set<Connection>();
   private shuttingDown = false;
   readonly exportInfo: ExportInfo;
+  /**
+   * Connections read into reused memory (receive-slabs.ts) where the device lets go of a write's
+   * data when it completes it, and the connection cannot turn into TLS (which reads for itself).
+   */
+  readonly pooledReads: boolean;
+  /** Connections that did read into receive slabs (where node let the socket be moved). */
+  pooledConnections = 0;
+  /** Receive slabs allocated by all connections so far (each connection reuses its own). */
+  slabsAllocated = 0;
 
   constructor(
     private readonly device: BlockDevice,
@@ -67,7 +77,10 @@ export class NbdServer {
       size: device.size,
       flags,
     };
-    this.server = net.createServer({ noDelay: true }, (socket) => this.accept(socket));
+    this.pooledReads = device.payloadReusableAfterWrite === true && (opts.tls?.mode ?? 'off') === 'off';
+    this.server = net.createServer({ noDelay: true, pauseOnConnect: this.pooledReads }, (socket) =>
+      this.accept(socket),
+    );
   }
 
   get connectionCount(): number {
@@ -93,13 +106,27 @@ export class NbdServer {
     await closed;
   }
 
-  private accept(socket: net.Socket): void {
-    const log = this.opts.logger.child({ client: `${socket.remoteAddress}:${socket.remotePort}` });
+  private accept(accepted: net.Socket): void {
+    const log = this.opts.logger.child({ client: `${accepted.remoteAddress}:${accepted.remotePort}` });
     if (this.shuttingDown) {
-      socket.destroy();
+      accepted.destroy();
       return;
     }
-    const connection = new Connection(
+    let socket = accepted;
+    let slabs: ReceiveSlabs | undefined;
+    let connection: Connection | undefined;
+    if (this.pooledReads) {
+      slabs = new ReceiveSlabs(() => this.slabsAllocated++);
+      const adopted = adoptWithPooledReads(accepted, slabs, (chunk) => connection?.receive(chunk));
+      if (adopted === undefined) {
+        slabs = undefined;
+        accepted.resume();
+      } else {
+        socket = adopted;
+        this.pooledConnections++;
+      }
+    }
+    connection = new Connection(
       socket,
       this.device,
       this.exportInfo,
@@ -107,6 +134,7 @@ export class NbdServer {
       this.opts.stats,
       () => this.shuttingDown,
       this.opts.tls,
+      slabs,
     );
     this.connections.add(connection);
     socket.once('close', () => this.connections.delete(connection));
@@ -118,7 +146,7 @@ type Phase = 'handshake' | 'transmission' | 'closing';
 class Connection {
   /** The stream requests and replies go over: the TCP socket, or the TLS socket after STARTTLS. */
   private socket: net.Socket;
-  private readonly queue = new ChunkQueue();
+  private readonly queue: ChunkQueue;
   private phase: Phase = 'handshake';
   private readonly handshake: Handshake;
   private parser: RequestParser | undefined;
@@ -130,9 +158,13 @@ class Connection {
   private readonly handshakeTimer: NodeJS.Timeout;
   private onIdle: (() => void) | undefined;
 
-  private readonly onData = (chunk: Buffer) => {
+  /** Every chunk read from the client (from 'data' events, or from reads into receive slabs). */
+  readonly receive = (chunk: Buffer) => {
     // A closing connection reads only to see the client's end; what it sends is dropped.
-    if (this.phase === 'closing') return;
+    if (this.phase === 'closing') {
+      this.slabs?.dropChunk(chunk);
+      return;
+    }
     this.queue.push(chunk);
     this.pump();
   };
@@ -146,11 +178,14 @@ class Connection {
     private readonly stats: RequestStats | undefined,
     isShuttingDown: () => boolean,
     private readonly tlsConfig: NbdTls | undefined,
+    /** Where the socket reads into, when it reads into reused memory (and emits no 'data'). */
+    private readonly slabs: ReceiveSlabs | undefined,
   ) {
     this.socket = socket;
+    this.queue = new ChunkQueue(slabs && ((chunk) => slabs.dropChunk(chunk)));
     this.handshake = new Handshake(exportInfo, isShuttingDown, tlsConfig?.mode ?? 'off');
     this.handshakeTimer = setTimeout(() => this.abort('negotiation timed out'), HANDSHAKE_TIMEOUT_MS);
-    socket.on('data', this.onData);
+    if (slabs === undefined) socket.on('data', this.receive);
     socket.on('error', (err) => log.debug({ err }, 'nbd socket error'));
     socket.on('close', () => {
       clearTimeout(this.handshakeTimer);
@@ -269,9 +304,17 @@ class Connection {
       }
       case P.CMD_WRITE:
         this.begin(req);
-        this.device.write(req.offset, req.payload, req.length, fua, (err) =>
-          err ? this.fail(req, err) : this.complete(req, req.length),
-        );
+        // Its views of the receive slabs stay put until the write is done (then reused); after a
+        // failure some I/O may still read them, so those slabs are never reused.
+        this.slabs?.hold(req.payload);
+        this.device.write(req.offset, req.payload, req.length, fua, (err) => {
+          if (err) {
+            this.slabs?.abandon(req.payload);
+            return this.fail(req, err);
+          }
+          this.slabs?.release(req.payload);
+          this.complete(req, req.length);
+        });
         return;
       case P.CMD_WRITE_ZEROES:
         this.begin(req);
@@ -360,7 +403,7 @@ class Connection {
     const raw = this.socket;
     const config = this.tlsConfig!;
     if (this.queue.length > 0) return this.abort('data after NBD_OPT_STARTTLS before its reply');
-    raw.off('data', this.onData);
+    raw.off('data', this.receive);
     raw.off('drain', this.onDrain);
     raw.pause();
     if (this.corked) {
@@ -383,7 +426,7 @@ class Connection {
           }
           secure.on('error', (err) => this.log.debug({ reason: err.message }, 'nbd TLS connection error'));
           this.socket = secure;
-          secure.on('data', this.onData);
+          secure.on('data', this.receive);
           secure.on('drain', this.onDrain);
           this.handshake.tlsStarted();
           this.log.debug({ protocol: secure.getProtocol() }, 'nbd connection upgraded to TLS');

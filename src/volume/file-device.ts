@@ -11,6 +11,7 @@ export const SYNC_IO_BYTES_MAX = 64 * 1024;
 
 /** A BlockDevice over an open file descriptor, with positioned I/O. */
 export class FileDevice implements BlockDevice {
+  readonly payloadReusableAfterWrite = true;
   /** For the synchronous zero check of small ranges (one at a time: the event loop is single). */
   private readonly scratch = Buffer.allocUnsafe(SYNC_IO_BYTES_MAX);
 

@@ -69,8 +69,9 @@ export class Volume {
     readonly node: PrimaryNode,
     private readonly raw: FileDevice,
     private readonly metaFiles: NodeBlockFile[],
+    replicating: boolean,
   ) {
-    this.device = new EngineDevice(this, raw);
+    this.device = new EngineDevice(this, raw, replicating);
   }
 
   /**
@@ -134,7 +135,7 @@ export class Volume {
           },
         ),
       );
-      return new Volume(file, node, raw, metaFiles);
+      return new Volume(file, node, raw, metaFiles, opts.link !== undefined);
     } catch (err) {
       for (const f of metaFiles) await f.close();
       await file.close();
@@ -289,12 +290,16 @@ export class Transaction {
 class EngineDevice implements BlockDevice {
   readonly readOnly = false;
   readonly size: number;
+  /** Standalone, a write's data is done with once it is on the volume; replicating, it is sent on. */
+  readonly payloadReusableAfterWrite: boolean;
 
   constructor(
     private readonly volume: Volume,
     private readonly raw: FileDevice,
+    replicating: boolean,
   ) {
     this.size = raw.size;
+    this.payloadReusableAfterWrite = !replicating;
   }
 
   read(offset: number, length: number, buf: Buffer, at: number, done: Done): void {

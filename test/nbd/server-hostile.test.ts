@@ -71,6 +71,9 @@ class SpyDevice implements BlockDevice {
   get readOnly(): boolean {
     return this.inner.readOnly;
   }
+  get payloadReusableAfterWrite(): boolean | undefined {
+    return this.inner.payloadReusableAfterWrite;
+  }
   private wrap(done: Done): Done {
     this.inFlight++;
     return (err) => {
