@@ -21,6 +21,8 @@ export const SLAB_BYTES = 2 * 1024 * 1024;
 export const READ_BYTES_MIN = 256 * 1024;
 /** Free slabs kept per connection for reuse (the rest go to the garbage collector). */
 export const FREE_SLABS_MAX = 8;
+/** The first read's buffer (the negotiation's few bytes; a connection that stops there costs little). */
+export const FIRST_READ_BYTES = 16 * 1024;
 
 interface Slab {
   readonly memory: Buffer;
@@ -34,28 +36,47 @@ export class ReceiveSlabs {
   private current: Slab;
   /** Bytes of `current` already read into (never handed out again while it is current). */
   private used = 0;
-  /** Slabs read into before `current`: reusable once they hold nothing. */
+  /** Slabs read into before `current`, still held or free for reuse (at most FREE_SLABS_MAX). */
   private retired: Slab[] = [];
   private readonly byMemory = new Map<ArrayBufferLike, Slab>();
+  /** Slabs, `current` included, that something holds. */
+  private held = 0;
   /** Slabs allocated over the connection's life. */
   allocated = 0;
+  /** Until requests may come, reads reuse the small first buffer whenever nothing holds it. */
+  private negotiating = true;
+
+  /** `onAllocate` hears of every slab allocated (the server counts them). */
+  constructor(private readonly onAllocate?: () => void) {
+    // The negotiation reads a few bytes: a small first buffer, not a slab, until it is done.
+    this.current = this.track(Buffer.allocUnsafeSlow(FIRST_READ_BYTES));
+  }
 
   /** Slabs kept: the current one, those still held, and the free ones kept for reuse. */
   get kept(): number {
     return this.byMemory.size;
   }
 
-  /** `onAllocate` hears of every slab allocated (the server counts them). */
-  constructor(private readonly onAllocate?: () => void) {
-    this.current = this.allocate();
+  /** Bytes of memory that something still holds (what a connection must bound, not just its requests). */
+  get heldBytes(): number {
+    return this.held * SLAB_BYTES;
+  }
+
+  /** Requests may come from here on: reads go to slabs. */
+  negotiated(): void {
+    this.negotiating = false;
   }
 
   /** The memory the next read goes into. */
   nextReadBuffer(): Buffer {
-    if (SLAB_BYTES - this.used < READ_BYTES_MIN) {
-      this.retired.push(this.current);
+    if (this.negotiating && this.current.holds === 0) this.used = 0;
+    const tail = this.current.memory.length - this.used;
+    if (this.used > 0 && tail < READ_BYTES_MIN) {
+      const old = this.current;
       this.current = this.reusable() ?? this.allocate();
       this.used = 0;
+      this.retired.push(old);
+      if (old.holds === 0) this.settle(old);
     }
     return this.current.memory.subarray(this.used);
   }
@@ -66,28 +87,28 @@ export class ReceiveSlabs {
     if (buffer.buffer !== this.current.memory.buffer || buffer.byteOffset !== expected)
       throw new Error('receive slabs: a read landed outside the buffer it was given');
     this.used += n;
-    this.current.holds++;
+    this.adjust(this.current, +1);
     return buffer.subarray(0, n);
   }
 
   /** The receive queue is done with a chunk that `filled` returned. */
   dropChunk(chunk: Buffer): void {
     const slab = this.byMemory.get(chunk.buffer);
-    if (slab !== undefined) slab.holds--;
+    if (slab !== undefined) this.adjust(slab, -1);
   }
 
   /** Views of received chunks (a WRITE payload) stay valid until release or abandon. */
   hold(views: readonly Buffer[]): void {
     for (const view of views) {
       const slab = this.byMemory.get(view.buffer);
-      if (slab !== undefined) slab.holds++;
+      if (slab !== undefined) this.adjust(slab, +1);
     }
   }
 
   release(views: readonly Buffer[]): void {
     for (const view of views) {
       const slab = this.byMemory.get(view.buffer);
-      if (slab !== undefined) slab.holds--;
+      if (slab !== undefined) this.adjust(slab, -1);
     }
   }
 
@@ -96,32 +117,53 @@ export class ReceiveSlabs {
     for (const view of views) {
       const slab = this.byMemory.get(view.buffer);
       if (slab === undefined) continue;
-      slab.holds--;
       slab.abandoned = true;
+      this.adjust(slab, -1);
     }
   }
 
-  /** A retired slab that holds nothing, if any; drops the free ones over FREE_SLABS_MAX. */
-  private reusable(): Slab | undefined {
-    let found: Slab | undefined;
-    let free = 0;
-    const kept: Slab[] = [];
-    for (const slab of this.retired) {
-      if (slab.abandoned) this.byMemory.delete(slab.memory.buffer);
-      else if (slab.holds > 0) kept.push(slab);
-      else if (found === undefined) found = slab;
-      else if (free++ < FREE_SLABS_MAX) kept.push(slab);
-      else this.byMemory.delete(slab.memory.buffer);
+  private adjust(slab: Slab, delta: number): void {
+    const before = slab.holds;
+    slab.holds += delta;
+    if (before === 0 && slab.holds > 0) this.held++;
+    else if (before > 0 && slab.holds === 0) {
+      this.held--;
+      if (slab !== this.current) this.settle(slab);
     }
-    this.retired = kept;
-    return found;
+  }
+
+  /**
+   * A retired slab nothing holds any more: kept for reuse, unless it was abandoned, is the small
+   * first buffer, or FREE_SLABS_MAX are kept already — then forgotten (left to the collector).
+   */
+  private settle(slab: Slab): void {
+    const free = this.retired.filter((s) => s.holds === 0).length; // this one included
+    if (slab.abandoned || slab.memory.length !== SLAB_BYTES || free > FREE_SLABS_MAX) this.forget(slab);
+  }
+
+  /** A retired slab that holds nothing, if any (every such slab is fit for reuse). */
+  private reusable(): Slab | undefined {
+    const index = this.retired.findIndex((s) => s.holds === 0);
+    if (index < 0) return undefined;
+    const [slab] = this.retired.splice(index, 1);
+    return slab;
+  }
+
+  private forget(slab: Slab): void {
+    this.byMemory.delete(slab.memory.buffer);
+    const index = this.retired.indexOf(slab);
+    if (index >= 0) this.retired.splice(index, 1);
   }
 
   private allocate(): Slab {
-    const slab: Slab = { memory: Buffer.allocUnsafeSlow(SLAB_BYTES), holds: 0, abandoned: false };
-    this.byMemory.set(slab.memory.buffer, slab);
     this.allocated++;
     this.onAllocate?.();
+    return this.track(Buffer.allocUnsafeSlow(SLAB_BYTES));
+  }
+
+  private track(memory: Buffer): Slab {
+    const slab: Slab = { memory, holds: 0, abandoned: false };
+    this.byMemory.set(memory.buffer, slab);
     return slab;
   }
 }

@@ -246,6 +246,7 @@ class Connection {
         baseAllocationId: outcome.session.baseAllocationId,
       });
       this.phase = 'transmission';
+      this.slabs?.negotiated();
       this.log.debug({ structured: outcome.session.structuredReplies }, 'nbd transmission phase');
     }
     while (this.phase === 'transmission' && !this.paused) {
@@ -267,6 +268,7 @@ class Connection {
       if (
         this.inFlight >= IN_FLIGHT_REQUESTS_MAX ||
         this.inFlightBytes >= IN_FLIGHT_BYTES_MAX ||
+        this.heldReceiveBytes() >= IN_FLIGHT_BYTES_MAX ||
         this.socket.writableLength > REPLY_BACKLOG_BYTES_MAX
       ) {
         this.paused = true;
@@ -279,12 +281,22 @@ class Connection {
     if (!this.paused || this.phase !== 'transmission') return;
     if (
       this.inFlight < IN_FLIGHT_REQUESTS_MAX / 2 &&
+      this.heldReceiveBytes() <= IN_FLIGHT_BYTES_MAX / 2 &&
       this.socket.writableLength <= REPLY_BACKLOG_BYTES_MAX / 2
     ) {
       this.paused = false;
       this.socket.resume();
       this.pump();
     }
+  }
+
+  /**
+   * Receive memory that unfinished writes keep (a small write keeps its whole slab): bounded like
+   * the bytes in flight. Only writes in flight hold much of it (the queue holds a read or two),
+   * so a connection paused for it resumes as they complete.
+   */
+  private heldReceiveBytes(): number {
+    return this.slabs?.heldBytes ?? 0;
   }
 
   private execute(req: Request): void {

@@ -10,10 +10,13 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { describe, it } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
 import pino from 'pino';
+import type { BlockDevice } from '../../src/io/block-device.js';
 import { ChunkQueue } from '../../src/io/chunk-queue.js';
 import {
   adoptWithPooledReads,
+  FIRST_READ_BYTES,
   FREE_SLABS_MAX,
   READ_BYTES_MIN,
   ReceiveSlabs,
@@ -21,7 +24,7 @@ import {
 } from '../../src/io/receive-slabs.js';
 import type { TlsAcceptor } from '../../src/io/tls-acceptor.js';
 import { NbdClient } from '../../src/nbd/client.js';
-import { NbdServer } from '../../src/nbd/server.js';
+import { IN_FLIGHT_BYTES_MAX, NbdServer } from '../../src/nbd/server.js';
 import { FileDevice } from '../../src/volume/file-device.js';
 
 /** Simulates one read of `n` bytes (what node does with the buffer it is given). */
@@ -32,6 +35,14 @@ function read(slabs: ReceiveSlabs, n: number, fill = 0): Buffer {
   return slabs.filled(buffer, n);
 }
 
+/** Slabs past the negotiation, reading into full slabs already (the first buffer is small). */
+function bulkSlabs(): ReceiveSlabs {
+  const slabs = new ReceiveSlabs();
+  slabs.negotiated();
+  slabs.dropChunk(read(slabs, 1));
+  return slabs;
+}
+
 /** A read that leaves too little of the current slab for another, so the next moves on. */
 function fillSlab(slabs: ReceiveSlabs): Buffer[] {
   const room = slabs.nextReadBuffer().length;
@@ -40,7 +51,7 @@ function fillSlab(slabs: ReceiveSlabs): Buffer[] {
 
 describe('receive slabs', () => {
   it('reads follow each other in a slab, each into the memory it was given', () => {
-    const slabs = new ReceiveSlabs();
+    const slabs = bulkSlabs();
     const a = read(slabs, 1000, 1);
     const b = read(slabs, 2000, 2);
     assert.equal(a.buffer, b.buffer);
@@ -51,7 +62,7 @@ describe('receive slabs', () => {
   });
 
   it('a slab still held by a queued chunk or a payload is not reused; once let go, it is', () => {
-    const slabs = new ReceiveSlabs();
+    const slabs = bulkSlabs();
     const queue = new ChunkQueue((chunk) => slabs.dropChunk(chunk));
     const chunks = fillSlab(slabs);
     for (const c of chunks) queue.push(c);
@@ -70,7 +81,7 @@ describe('receive slabs', () => {
   });
 
   it('a slab of a failed request is never reused', () => {
-    const slabs = new ReceiveSlabs();
+    const slabs = bulkSlabs();
     const chunks = fillSlab(slabs);
     const first = chunks[0].buffer;
     slabs.hold([chunks[0]]);
@@ -84,8 +95,28 @@ describe('receive slabs', () => {
     }
   });
 
-  it('keeps at most FREE_SLABS_MAX free slabs besides the one in use', () => {
+  it('negotiates in one small buffer, reused while nothing holds it', () => {
     const slabs = new ReceiveSlabs();
+    for (let i = 0; i < 100; i++) slabs.dropChunk(read(slabs, 100));
+    assert.equal(slabs.allocated, 0, 'no slab for a connection that only negotiates');
+    assert.ok(slabs.nextReadBuffer().length <= FIRST_READ_BYTES);
+    slabs.negotiated();
+    slabs.dropChunk(read(slabs, 100));
+    assert.equal(slabs.nextReadBuffer().length, SLAB_BYTES, 'requests are read into slabs');
+  });
+
+  it('counts the memory held, and lets free slabs over the bound go as soon as they are free', () => {
+    const slabs = bulkSlabs();
+    const held: Buffer[] = [];
+    for (let i = 0; i < FREE_SLABS_MAX + 6; i++) held.push(...fillSlab(slabs));
+    assert.equal(slabs.heldBytes, held.length * SLAB_BYTES);
+    for (const c of held) slabs.dropChunk(c);
+    assert.equal(slabs.heldBytes, 0);
+    assert.ok(slabs.kept <= FREE_SLABS_MAX + 1, `${slabs.kept} slabs kept once nothing holds them`);
+  });
+
+  it('keeps at most FREE_SLABS_MAX free slabs besides the one in use', () => {
+    const slabs = bulkSlabs();
     // Hold many slabs at once, then let them all go.
     const held: Buffer[] = [];
     for (let i = 0; i < FREE_SLABS_MAX + 6; i++) held.push(...fillSlab(slabs));
@@ -108,6 +139,7 @@ describe('an accepted socket moved to pooled reads', { timeout: 20_000 }, () => 
     let total = 0;
     let pausedOnce = false;
     const slabs = new ReceiveSlabs();
+    slabs.negotiated();
     const queue = new ChunkQueue((chunk) => slabs.dropChunk(chunk));
     const done = new Promise<void>((resolve, reject) => {
       const server = net.createServer({ pauseOnConnect: true }, (accepted) => {
@@ -203,6 +235,52 @@ describe('the NBD server with pooled reads', { timeout: 30_000 }, () => {
       await server.close();
       fs.closeSync(fd);
       fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('bounds the receive memory unfinished writes hold, not only their bytes', async () => {
+    // Small writes that each keep a slab to themselves (a large rejected write after each moves
+    // the reads on), against a device that completes nothing until told: the connection must
+    // stop reading once the slabs held reach the in-flight bound.
+    const size = 8 * 1024 * 1024;
+    const parked: Array<() => void> = [];
+    let parking = true;
+    const device: BlockDevice = {
+      size,
+      readOnly: false,
+      payloadReusableAfterWrite: true,
+      read: (_o, _l, _b, _a, done) => done(null),
+      write: (_o, _d, _l, _f, done) => (parking ? parked.push(() => done(null)) : done(null)),
+      writeZeroes: (_o, _l, _f, done) => done(null),
+      trim: (_o, _l, _f, done) => done(null),
+      flush: (done) => done(null),
+    };
+    const server = new NbdServer(device, { exportName: 'v', logger: pino({ level: 'silent' }) });
+    const { port } = await server.listen('127.0.0.1', 0);
+    const client = await NbdClient.connect('127.0.0.1', port, 'v');
+    try {
+      const filler = Buffer.alloc(SLAB_BYTES - READ_BYTES_MIN);
+      const writes: Promise<unknown>[] = [];
+      for (let i = 0; i < 80; i++) {
+        writes.push(client.write(i * 512, Buffer.alloc(512, i)));
+        writes.push(client.write(size, filler).catch(() => 'refused')); // past the end: rejected
+      }
+      await sleep(1000);
+      const bound = IN_FLIGHT_BYTES_MAX / SLAB_BYTES + 4;
+      assert.ok(parked.length < 80, `${parked.length} writes taken in while their slabs are held`);
+      assert.ok(server.slabsAllocated <= bound, `${server.slabsAllocated} slabs allocated (bound ${bound})`);
+      // Complete what is parked until every write has its reply (the connection reads on).
+      const all = Promise.all(writes).then(() => true);
+      for (let finished = false; !finished; ) {
+        for (const finish of parked.splice(0)) finish();
+        finished = await Promise.race([all, sleep(20).then(() => false)]);
+      }
+      assert.ok(server.slabsAllocated <= 2 * bound, `${server.slabsAllocated} slabs allocated in all`);
+      await client.close();
+    } finally {
+      parking = false; // a failed check must not leave the server waiting on parked writes
+      for (const finish of parked.splice(0)) finish();
+      await server.close();
     }
   });
 
