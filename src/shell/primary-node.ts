@@ -655,6 +655,11 @@ export class PrimaryNode {
     this.txs.clear();
     for (const done of this.flushes.values()) done(this.failure);
     this.flushes.clear();
+    // Writes held for a new generation's record (which may be what failed) fail too: resubmitted,
+    // each finds the failure and completes with it.
+    const held = this.heldWrites ?? [];
+    this.heldWrites = undefined;
+    for (const submit of held) submit();
     for (const wake of this.idleWaiters.splice(0)) wake();
     this.opts.logger.error({ err: this.failure.message }, 'primary failed');
     this.opts.onFailure?.(this.failure);

@@ -159,6 +159,61 @@ describe('the primary node on real files with a real secondary', () => {
     }
   });
 
+  it('writes held for a new generation fail, not hang, when saving that generation fails', async () => {
+    const tmp = tempDir('volrep-fail-gen-');
+    cleanups.push(async () => tmp.cleanup());
+    const volumePath = path.join(tmp.dir, 'v.img');
+    const meta = await createVolume({ volumePath, size: 4 * M, logSize: 64 * 1024 });
+    const metaDir = `${volumePath}.volrep`;
+    const files = await Promise.all(
+      [LOG_FILE, BITMAP_FILE, PAIR_STATE_FILE].map((f) => NodeBlockFile.open(path.join(metaDir, f))),
+    );
+    const real = files[2];
+    const pairState = {
+      size: real.size,
+      read: (o: number, l: number) => real.read(o, l),
+      write: () => Promise.reject(new Error('EIO: the pair state went away')),
+      sync: () => real.sync(),
+    };
+    const volume: BlockDevice = {
+      size: meta.size,
+      readOnly: false,
+      read: (_o, _l, _b, _a, done: Done) => done(null),
+      write: (_o, _d, _l, _f, done: Done) => setImmediate(() => done(null)),
+      writeZeroes: (_o, _l, _f, done: Done) => done(null),
+      trim: (_o, _l, _f, done: Done) => done(null),
+      flush: (done: Done) => setImmediate(() => done(null)),
+    };
+    try {
+      const node = await PrimaryNode.open(
+        { log: files[0], bitmap: files[1], pairState, volume },
+        {
+          volumeSize: meta.size,
+          regionSize: meta.regionSize,
+          activityWindowRegions: 16,
+          inflightBytesMax: M,
+          ackTimeoutMs: 5000,
+        },
+        { clock: systemClock, logger: silent },
+      );
+      const submit = (offset: number) =>
+        new Promise<Error | null>((resolve) =>
+          node.submit([{ offset, kind: 'data', length: 4096, data: [Buffer.alloc(4096, 1)] }], {}, resolve),
+        );
+      // The first writes of a standalone primary wait for its new generation's record.
+      const outcomes = await Promise.race([
+        Promise.all([submit(0), submit(65536)]),
+        new Promise<'hung'>((r) => setTimeout(() => r('hung'), 3000)),
+      ]);
+      assert.notEqual(outcomes, 'hung', 'the held writes must complete');
+      for (const err of outcomes as Array<Error | null>)
+        assert.match(String(err?.message), /stopped after an I\/O error: EIO: the pair state went away/);
+      await node.close();
+    } finally {
+      for (const f of files) await f.close();
+    }
+  });
+
   it('an I/O failure stops the node: requests fail with a clear error, the owner is told once (defect 7)', async () => {
     const tmp = tempDir('volrep-fail-');
     cleanups.push(async () => tmp.cleanup());
