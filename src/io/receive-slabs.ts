@@ -6,7 +6,8 @@
  * and V8 counts them as external memory: a full mark-compact ran for every ~55 MB received, and
  * garbage collection took more CPU than the copies into the page cache (perf: V8's concurrent
  * marking and sweeping ~35 % of the samples, the kernel's copy 28 %). Read into reused slabs,
- * the same load ran 6 mark-compacts instead of ~130 and ~3× faster (README, Performance).
+ * the same load ran 5 mark-compacts instead of ~130, at about a third of the CPU per write
+ * (README, Performance).
  *
  * A slab is reused only once nothing can still read it: every chunk read into it counts as a hold
  * until the receive queue drops it, and every WRITE payload view as a hold until its request
@@ -36,7 +37,7 @@ export class ReceiveSlabs {
   private current: Slab;
   /** Bytes of `current` already read into (never handed out again while it is current). */
   private used = 0;
-  /** Slabs read into before `current`, still held or free for reuse (at most FREE_SLABS_MAX). */
+  /** Slabs read into before `current`: still held, or free for reuse (at most FREE_SLABS_MAX free). */
   private retired: Slab[] = [];
   private readonly byMemory = new Map<ArrayBufferLike, Slab>();
   /** Slabs, `current` included, that something holds. */
