@@ -138,7 +138,8 @@ export class ReceiveSlabs {
    * first buffer, or FREE_SLABS_MAX are kept already — then forgotten (left to the collector).
    */
   private settle(slab: Slab): void {
-    const free = this.retired.filter((s) => s.holds === 0).length; // this one included
+    let free = 0; // this one included
+    for (const s of this.retired) if (s.holds === 0) free++;
     if (slab.abandoned || slab.memory.length !== SLAB_BYTES || free > FREE_SLABS_MAX) this.forget(slab);
   }
 

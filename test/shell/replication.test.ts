@@ -25,6 +25,63 @@ import { tempDir } from '../helpers/daemon.js';
 const M = 1024 * 1024;
 const silent = pino({ level: 'silent' });
 
+/** A fresh 4 MiB volume's metadata files, opened (the node under test gets a fake volume device). */
+async function freshMetadata(prefix: string): Promise<{
+  meta: { size: number; regionSize: number };
+  files: NodeBlockFile[];
+  cleanup: () => Promise<void>;
+}> {
+  const tmp = tempDir(prefix);
+  const volumePath = path.join(tmp.dir, 'v.img');
+  const meta = await createVolume({ volumePath, size: 4 * M, logSize: 64 * 1024 });
+  const metaDir = `${volumePath}.volrep`;
+  const files = await Promise.all(
+    [LOG_FILE, BITMAP_FILE, PAIR_STATE_FILE].map((f) => NodeBlockFile.open(path.join(metaDir, f))),
+  );
+  const cleanup = async () => {
+    for (const f of files) await f.close();
+    tmp.cleanup();
+  };
+  return { meta, files, cleanup };
+}
+
+/** A volume device whose every request succeeds, but for writes as `write` decides. */
+function fakeVolume(size: number, write: BlockDevice['write']): BlockDevice {
+  return {
+    size,
+    readOnly: false,
+    read: (_o, _l, _b, _a, done: Done) => done(null),
+    write,
+    writeZeroes: (_o, _l, _f, done: Done) => done(null),
+    trim: (_o, _l, _f, done: Done) => done(null),
+    flush: (done: Done) => setImmediate(() => done(null)),
+  };
+}
+
+/** A standalone primary node over those files, and one 4 KiB write to it. */
+async function openStandaloneNode(
+  storage: Parameters<typeof PrimaryNode.open>[0],
+  meta: { size: number; regionSize: number },
+  onFailure?: (err: Error) => void,
+): Promise<{ node: PrimaryNode; submit: (offset: number) => Promise<Error | null> }> {
+  const node = await PrimaryNode.open(
+    storage,
+    {
+      volumeSize: meta.size,
+      regionSize: meta.regionSize,
+      activityWindowRegions: 16,
+      inflightBytesMax: M,
+      ackTimeoutMs: 5000,
+    },
+    { clock: systemClock, logger: silent, onFailure },
+  );
+  const submit = (offset: number) =>
+    new Promise<Error | null>((resolve) =>
+      node.submit([{ offset, kind: 'data', length: 4096, data: [Buffer.alloc(4096, 1)] }], {}, resolve),
+    );
+  return { node, submit };
+}
+
 async function pair(size: number): Promise<{
   dir: string;
   primary: string;
@@ -160,14 +217,8 @@ describe('the primary node on real files with a real secondary', () => {
   });
 
   it('writes held for a new generation fail, not hang, when saving that generation fails', async () => {
-    const tmp = tempDir('volrep-fail-gen-');
-    cleanups.push(async () => tmp.cleanup());
-    const volumePath = path.join(tmp.dir, 'v.img');
-    const meta = await createVolume({ volumePath, size: 4 * M, logSize: 64 * 1024 });
-    const metaDir = `${volumePath}.volrep`;
-    const files = await Promise.all(
-      [LOG_FILE, BITMAP_FILE, PAIR_STATE_FILE].map((f) => NodeBlockFile.open(path.join(metaDir, f))),
-    );
+    const { meta, files, cleanup } = await freshMetadata('volrep-fail-gen-');
+    cleanups.push(cleanup);
     const real = files[2];
     const pairState = {
       size: real.size,
@@ -175,85 +226,39 @@ describe('the primary node on real files with a real secondary', () => {
       write: () => Promise.reject(new Error('EIO: the pair state went away')),
       sync: () => real.sync(),
     };
-    const volume: BlockDevice = {
-      size: meta.size,
-      readOnly: false,
-      read: (_o, _l, _b, _a, done: Done) => done(null),
-      write: (_o, _d, _l, _f, done: Done) => setImmediate(() => done(null)),
-      writeZeroes: (_o, _l, _f, done: Done) => done(null),
-      trim: (_o, _l, _f, done: Done) => done(null),
-      flush: (done: Done) => setImmediate(() => done(null)),
-    };
-    try {
-      const node = await PrimaryNode.open(
-        { log: files[0], bitmap: files[1], pairState, volume },
-        {
-          volumeSize: meta.size,
-          regionSize: meta.regionSize,
-          activityWindowRegions: 16,
-          inflightBytesMax: M,
-          ackTimeoutMs: 5000,
-        },
-        { clock: systemClock, logger: silent },
-      );
-      const submit = (offset: number) =>
-        new Promise<Error | null>((resolve) =>
-          node.submit([{ offset, kind: 'data', length: 4096, data: [Buffer.alloc(4096, 1)] }], {}, resolve),
-        );
-      // The first writes of a standalone primary wait for its new generation's record.
-      const outcomes = await Promise.race([
-        Promise.all([submit(0), submit(65536)]),
-        new Promise<'hung'>((r) => setTimeout(() => r('hung'), 3000)),
-      ]);
-      assert.notEqual(outcomes, 'hung', 'the held writes must complete');
-      for (const err of outcomes as Array<Error | null>)
-        assert.match(String(err?.message), /stopped after an I\/O error: EIO: the pair state went away/);
-      await node.close();
-    } finally {
-      for (const f of files) await f.close();
-    }
+    const volume = fakeVolume(meta.size, (_o, _d, _l, _f, done: Done) => setImmediate(() => done(null)));
+    const { node, submit } = await openStandaloneNode(
+      { log: files[0], bitmap: files[1], pairState, volume },
+      meta,
+    );
+    // The first writes of a standalone primary wait for its new generation's record.
+    const outcomes = await Promise.race([
+      Promise.all([submit(0), submit(65536)]),
+      new Promise<'hung'>((r) => setTimeout(() => r('hung'), 3000)),
+    ]);
+    assert.notEqual(outcomes, 'hung', 'the held writes must complete');
+    for (const err of outcomes as Array<Error | null>)
+      assert.match(String(err?.message), /stopped after an I\/O error: EIO: the pair state went away/);
+    await node.close();
   });
 
   it('an I/O failure stops the node: requests fail with a clear error, the owner is told once (defect 7)', async () => {
-    const tmp = tempDir('volrep-fail-');
-    cleanups.push(async () => tmp.cleanup());
-    const volumePath = path.join(tmp.dir, 'v.img');
-    const meta = await createVolume({ volumePath, size: 4 * M, logSize: 64 * 1024 });
-    const metaDir = `${volumePath}.volrep`;
-    const files = await Promise.all(
-      [LOG_FILE, BITMAP_FILE, PAIR_STATE_FILE].map((f) => NodeBlockFile.open(path.join(metaDir, f))),
-    );
+    const { meta, files, cleanup } = await freshMetadata('volrep-fail-');
+    cleanups.push(cleanup);
     let writes = 0;
-    const failing: BlockDevice = {
-      size: meta.size,
-      readOnly: false,
-      read: (_o, _l, _b, _a, done: Done) => done(null),
-      write: (_o, _d, _l, _f, done: Done) =>
-        setImmediate(() => done(++writes > 2 ? new Error('EIO: the disk went away') : null)),
-      writeZeroes: (_o, _l, _f, done: Done) => done(null),
-      trim: (_o, _l, _f, done: Done) => done(null),
-      flush: (done: Done) => setImmediate(() => done(null)),
-    };
+    const failing = fakeVolume(meta.size, (_o, _d, _l, _f, done: Done) =>
+      setImmediate(() => done(++writes > 2 ? new Error('EIO: the disk went away') : null)),
+    );
     const failures: Error[] = [];
     const stray: unknown[] = [];
     const onStray = (err: unknown) => stray.push(err);
     process.on('unhandledRejection', onStray);
     try {
-      const node = await PrimaryNode.open(
+      const { node, submit } = await openStandaloneNode(
         { log: files[0], bitmap: files[1], pairState: files[2], volume: failing },
-        {
-          volumeSize: meta.size,
-          regionSize: meta.regionSize,
-          activityWindowRegions: 16,
-          inflightBytesMax: M,
-          ackTimeoutMs: 5000,
-        },
-        { clock: systemClock, logger: silent, onFailure: (err) => failures.push(err) },
+        meta,
+        (err) => failures.push(err),
       );
-      const submit = (offset: number) =>
-        new Promise<Error | null>((resolve) =>
-          node.submit([{ offset, kind: 'data', length: 4096, data: [Buffer.alloc(4096, 1)] }], {}, resolve),
-        );
       assert.equal(await submit(0), null);
       assert.equal(await submit(65536), null);
       const err = await submit(131072);
@@ -266,7 +271,6 @@ describe('the primary node on real files with a real secondary', () => {
       assert.deepEqual(stray, [], 'nothing escapes as an unhandled rejection');
     } finally {
       process.off('unhandledRejection', onStray);
-      for (const f of files) await f.close();
     }
   });
 });
