@@ -5,18 +5,28 @@
  */
 export type Done = (err: Error | null) => void;
 
+/**
+ * A write's data is read no more: its memory may be reused (`true`), or some I/O may still read
+ * it (`false`, after a failure: never reuse it).
+ */
+export type Released = (reusable: boolean) => void;
+
 export interface BlockDevice {
   readonly size: number;
   readonly readOnly: boolean;
   /**
-   * write() reads `data` for nothing once it has called done without an error (it keeps no view
-   * of it to send on later): the caller may then reuse that memory. Absent means false.
+   * write() calls its `released` exactly once, when it reads `data` no more: at done for a file,
+   * later for a replicating primary (once the data is sent on). The caller may then reuse that
+   * memory. Absent means false: `released` is never called.
    */
-  readonly payloadReusableAfterWrite?: boolean;
+  readonly reportsRelease?: boolean;
   /** Fills `buf[at, at + length)` with the bytes at `offset`. */
   read(offset: number, length: number, buf: Buffer, at: number, done: Done): void;
-  /** Writes the concatenation of `data` (total `length` bytes) at `offset`; durable before done if `fua`. */
-  write(offset: number, data: Buffer[], length: number, fua: boolean, done: Done): void;
+  /**
+   * Writes the concatenation of `data` (total `length` bytes) at `offset`; durable before done if
+   * `fua`. `released` may be called from anywhere, within this call too: only bookkeeping there.
+   */
+  write(offset: number, data: Buffer[], length: number, fua: boolean, done: Done, released?: Released): void;
   /** Makes the range read as zeroes. */
   writeZeroes(offset: number, length: number, fua: boolean, done: Done): void;
   /** Discards the range; volrep zeroes it so that volume and replica stay byte-identical. */

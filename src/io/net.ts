@@ -2,7 +2,7 @@
 import net from 'node:net';
 import tls from 'node:tls';
 import { StagedWriter } from './staged-writes.js';
-import type { Connection, ConnectionEvents, Dialer } from './transport.js';
+import type { Connection, ConnectionEvents, Dialer, Written } from './transport.js';
 
 /** Wraps a socket; `events` get its data and its close (with the last error seen as the reason). */
 export function socketConnection(socket: net.Socket, events: ConnectionEvents): Connection {
@@ -14,21 +14,37 @@ export function socketConnection(socket: net.Socket, events: ConnectionEvents): 
     reason =
       typeof err.library === 'string' && typeof err.reason === 'string' ? `TLS: ${err.reason}` : err.message;
   });
-  socket.on('close', () => events.close(reason, false));
-  const remote = `${socket.remoteAddress}:${socket.remotePort}`;
   // Plaintext: a corked writev hands the kernel the buffers as they are. TLS: see staged-writes.ts.
   const staged = socket instanceof tls.TLSSocket ? new StagedWriter(socket) : undefined;
+  /** Plaintext writes whose `written` is still owed (node calls write callbacks even on destroy; this is the guard). */
+  const unwritten = new Set<Written>();
+  socket.on('close', () => {
+    staged?.abandon();
+    for (const written of [...unwritten]) written(false);
+    unwritten.clear();
+    events.close(reason, false);
+  });
+  const remote = `${socket.remoteAddress}:${socket.remotePort}`;
   return {
     get remote() {
       return socket.remoteAddress === undefined ? remote : `${socket.remoteAddress}:${socket.remotePort}`;
     },
     secure: false,
     peerFingerprint: null,
-    write(buffers) {
-      if (socket.destroyed) return;
-      if (staged) return staged.write(buffers);
+    write(buffers, written) {
+      if (socket.destroyed || buffers.length === 0) return written?.(true); // nothing took them
+      if (staged) return staged.write(buffers, written);
+      // Write callbacks come in order: the last one's means the stream is done with them all.
+      let last: ((err?: Error | null) => void) | undefined;
+      if (written !== undefined) {
+        unwritten.add(written);
+        last = (err) => {
+          if (unwritten.delete(written)) written(err == null);
+        };
+      }
       socket.cork();
-      for (const b of buffers) socket.write(b);
+      for (let i = 0; i < buffers.length; i++)
+        socket.write(buffers[i], i === buffers.length - 1 ? last : undefined);
       socket.uncork();
     },
     close(why) {

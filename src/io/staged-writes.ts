@@ -9,6 +9,7 @@
  * outstanding, so the stream never holds more than one queued buffer and never concatenates.
  */
 import type { Socket } from 'node:net';
+import type { Written } from './transport.js';
 
 /** Bytes per staged write (a power of two well above TLS's 16 KiB record). */
 export const STAGE_BYTES = 256 * 1024;
@@ -25,20 +26,48 @@ export class StagedWriter {
   private queue: Buffer[] = [];
   private head = 0;
   private headOffset = 0;
+  /** Buffers queued, and fully staged, since the start (the queue itself is compacted). */
+  private queued = 0;
+  private staged = 0;
+  /** Callers waiting to hear that their buffers are staged: `written` once `staged` reaches `upTo`. */
+  private owed: Array<{ upTo: number; written: Written }> = [];
   private ending = false;
   /** A write failed: the socket is going away, nothing more is worth copying. */
   private failed = false;
 
   constructor(private readonly socket: Socket) {}
 
-  /** Queues bytes to send, in order (copied into a stage before the call returns only if one is free). */
-  write(buffers: readonly Buffer[]): void {
-    for (const b of buffers) if (b.length > 0) this.queue.push(b);
+  /**
+   * Queues bytes to send, in order (copied into a stage before the call returns only if one is
+   * free); `written(true)` once all of them are copied (the writer reads them no more).
+   */
+  write(buffers: readonly Buffer[], written?: Written): void {
+    if (this.failed) return written?.(true); // the socket is going away: nothing will read them
+    for (const b of buffers) {
+      if (b.length === 0) continue;
+      this.queue.push(b);
+      this.queued += 1;
+    }
+    if (written !== undefined) {
+      if (this.queued === this.staged) written(true);
+      else this.owed.push({ upTo: this.queued, written });
+    }
     this.pump();
     if (this.head > 1024 && this.head * 2 > this.queue.length) {
       this.queue = this.queue.slice(this.head);
       this.head = 0;
     }
+  }
+
+  /** The socket is gone: what is still queued will never be staged (its callers hear `false`). */
+  abandon(): void {
+    this.failed = true;
+    this.queue = [];
+    this.head = 0;
+    this.headOffset = 0;
+    const owed = this.owed;
+    this.owed = [];
+    for (const { written } of owed) written(false);
   }
 
   /** Ends the socket once everything queued is handed to it. */
@@ -68,6 +97,7 @@ export class StagedWriter {
           this.queue[this.head] = EMPTY; // let it go now, not when the queue is compacted
           this.head += 1;
           this.headOffset = 0;
+          this.staged += 1;
         }
       }
       this.outstanding += 1;
@@ -78,6 +108,9 @@ export class StagedWriter {
         else this.pump();
       });
     }
+    let settled = 0;
+    while (settled < this.owed.length && this.owed[settled].upTo <= this.staged) settled++;
+    if (settled > 0) for (const { written } of this.owed.splice(0, settled)) written(true);
     if (this.ending && this.head === this.queue.length && !this.failed && !this.socket.destroyed) {
       this.ending = false;
       this.socket.end();

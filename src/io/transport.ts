@@ -10,8 +10,12 @@ export interface Connection {
   readonly secure: boolean;
   /** The SHA-256 fingerprint of the peer's certificate (TLS), for status and logs. */
   readonly peerFingerprint: string | null;
-  /** Queues bytes to send, in order (never blocks; the caller bounds what it queues). */
-  write(buffers: readonly Buffer[]): void;
+  /**
+   * Queues bytes to send, in order (never blocks; the caller bounds what it queues). `written`
+   * is called once, when the connection reads the buffers no more: `true` once they are sent or
+   * copied, `false` if the connection went away first (I/O may still read them: never reuse).
+   */
+  write(buffers: readonly Buffer[], written?: Written): void;
   /** Ends the connection at once, dropping what is not sent yet; `close` follows on its events. */
   close(reason: string): void;
   /** Sends what is queued, then closes (a last word, like a refusal). */
@@ -20,6 +24,8 @@ export interface Connection {
   pause(): void;
   resume(): void;
 }
+
+export type Written = (reusable: boolean) => void;
 
 /** What a connection reports to its owner. */
 export interface ConnectionEvents {

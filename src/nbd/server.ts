@@ -54,8 +54,8 @@ export class NbdServer {
   private shuttingDown = false;
   readonly exportInfo: ExportInfo;
   /**
-   * Connections read into reused memory (receive-slabs.ts) where the device lets go of a write's
-   * data when it completes it, and the connection cannot turn into TLS (which reads for itself).
+   * Connections read into reused memory (receive-slabs.ts) where the device says when it lets go
+   * of a write's data, and the connection cannot turn into TLS (which reads for itself).
    */
   readonly pooledReads: boolean;
   /** Connections that did read into receive slabs (where node let the socket be moved). */
@@ -77,7 +77,7 @@ export class NbdServer {
       size: device.size,
       flags,
     };
-    this.pooledReads = device.payloadReusableAfterWrite === true && (opts.tls?.mode ?? 'off') === 'off';
+    this.pooledReads = device.reportsRelease === true && (opts.tls?.mode ?? 'off') === 'off';
     this.server = net.createServer({ noDelay: true, pauseOnConnect: this.pooledReads }, (socket) =>
       this.accept(socket),
     );
@@ -155,6 +155,7 @@ class Connection {
   private inFlightBytes = 0;
   private corked = false;
   private paused = false;
+  private resumeCheckQueued = false;
   private readonly handshakeTimer: NodeJS.Timeout;
   private onIdle: (() => void) | undefined;
 
@@ -291,9 +292,9 @@ class Connection {
   }
 
   /**
-   * Receive memory that unfinished writes keep (a small write keeps its whole slab): bounded like
-   * the bytes in flight. Only writes in flight hold much of it (the queue holds a read or two),
-   * so a connection paused for it resumes as they complete.
+   * Receive memory that writes the device has not let go of keep (a small write keeps its whole
+   * slab): bounded like the bytes in flight. Only such writes hold much of it (the queue holds a
+   * read or two), so a connection paused for it resumes as the device lets go (`released`).
    */
   private heldReceiveBytes(): number {
     return this.slabs?.heldBytes ?? 0;
@@ -316,17 +317,18 @@ class Connection {
       }
       case P.CMD_WRITE:
         this.begin(req);
-        // Its views of the receive slabs stay put until the write is done (then reused); after a
-        // failure some I/O may still read them, so those slabs are never reused.
+        // Its views of the receive slabs stay put until the device lets go of them (then reused),
+        // which may be after the write completed (a replicating primary sends them on); where
+        // some I/O may still read them, those slabs are never reused.
         this.slabs?.hold(req.payload);
-        this.device.write(req.offset, req.payload, req.length, fua, (err) => {
-          if (err) {
-            this.slabs?.abandon(req.payload);
-            return this.fail(req, err);
-          }
-          this.slabs?.release(req.payload);
-          this.complete(req, req.length);
-        });
+        this.device.write(
+          req.offset,
+          req.payload,
+          req.length,
+          fua,
+          (err) => (err ? this.fail(req, err) : this.complete(req, req.length)),
+          this.slabs && ((reusable) => this.released(req.payload, reusable)),
+        );
         return;
       case P.CMD_WRITE_ZEROES:
         this.begin(req);
@@ -385,6 +387,22 @@ class Connection {
     this.stats?.record(req.command, 0, code);
     this.send(encodeReply(req.handle, code, this.session.structuredReplies, err.message));
     this.settled();
+  }
+
+  /**
+   * The device lets go of a write's payload. Only bookkeeping here (the device may call this from
+   * inside its own calls): a connection paused for held memory looks again on the next tick.
+   */
+  private released(payload: Buffer[], reusable: boolean): void {
+    if (reusable) this.slabs?.release(payload);
+    else this.slabs?.abandon(payload);
+    if (this.paused && !this.resumeCheckQueued) {
+      this.resumeCheckQueued = true;
+      process.nextTick(() => {
+        this.resumeCheckQueued = false;
+        this.maybeResume();
+      });
+    }
   }
 
   private settled(): void {

@@ -16,7 +16,7 @@ import { randomBytes } from 'node:crypto';
 import type { Action, EngineConfig, TransactionOptions, WriteKind, WriteRequest } from '../core/engine.js';
 import { Engine } from '../core/engine.js';
 import { VolrepError } from '../errors.js';
-import type { BlockDevice, Done } from '../io/block-device.js';
+import type { BlockDevice, Done, Released } from '../io/block-device.js';
 import type { BlockFile } from '../io/block-file.js';
 import type { Clock, Timer } from '../io/clock.js';
 import { SlotFile } from '../io/slot-file.js';
@@ -132,7 +132,55 @@ export interface PrimaryNodeStatus {
 
 interface PendingTx {
   data: Array<readonly Uint8Array[] | null>;
+  lease: DataLease | undefined;
   done: Done;
+}
+
+/** An update's bytes, from its volume write (or resync read) until it is sent or dropped. */
+interface HeldBytes {
+  data: readonly Uint8Array[] | null;
+  lease: DataLease | undefined;
+}
+
+/**
+ * The caller's memory under a transaction's data, lent to the node until nothing here reads it:
+ * two holds per data write, one until its volume write is done, one until its update is sent
+ * (and the connection is done with the bytes) or dropped.
+ */
+class DataLease {
+  private holds: number;
+  private reusable = true;
+  private settled = false;
+
+  constructor(
+    dataWrites: number,
+    private readonly released: Released,
+    private readonly live: Set<DataLease>,
+  ) {
+    this.holds = 2 * dataWrites;
+    live.add(this);
+    if (this.holds === 0) this.settle();
+  }
+
+  /** One hold ends; `reusable: false` if the memory may still be read by I/O nobody waits for. */
+  drop(reusable = true): void {
+    if (!reusable) this.reusable = false;
+    this.holds -= 1;
+    if (this.holds === 0) this.settle();
+  }
+
+  /** The node stopped: whatever still holds the memory is let go of now, never to be reused. */
+  abandon(): void {
+    this.reusable = false;
+    this.settle();
+  }
+
+  private settle(): void {
+    if (this.settled) return;
+    this.settled = true;
+    this.live.delete(this);
+    this.released(this.reusable);
+  }
 }
 
 export class PrimaryNode {
@@ -149,7 +197,11 @@ export class PrimaryNode {
   private readonly txs = new Map<number, PendingTx>();
   private readonly flushes = new Map<number, Done>();
   /** Update bytes by id, from the volume write (or resync read) until send or drop. */
-  private readonly buffers = new Map<number, readonly Uint8Array[] | null>();
+  private readonly buffers = new Map<number, HeldBytes>();
+  /** Leases of the updates sent since the last transmit: let go once the connection is done with them. */
+  private sentLeases: DataLease[] = [];
+  /** Every lease not yet settled (a node that fails lets go of them all). */
+  private readonly leases = new Set<DataLease>();
   private readonly session: PrimarySession | undefined;
   private connection: Connection | undefined;
   private timer: Timer | undefined;
@@ -226,12 +278,16 @@ export class PrimaryNode {
   /**
    * One transaction: `done` once every write is on the volume (durable with `fua`; in sync mode
    * while connected, also written by the secondary, and durable there with `fua`). Throws
-   * VOLREP_ERR_REQUEST for a write the
-   * engine cannot take (out of range, too large), before anything happens.
+   * VOLREP_ERR_REQUEST for a write the engine cannot take (out of range, too large), before
+   * anything happens (`released` is then not called). Otherwise `released` is called once, when
+   * the node reads the data no more: the volume writes are done and the updates sent or dropped —
+   * often after `done`, since an update may go out after its write completed.
    */
-  submit(writes: readonly NodeWrite[], options: TransactionOptions, done: Done): void {
-    if (this.failure !== null) return done(this.failure);
-    if (this.closed) return done(new VolrepError('VOLREP_ERR_STATE', 'the volume is closed'));
+  submit(writes: readonly NodeWrite[], options: TransactionOptions, done: Done, released?: Released): void {
+    if (this.failure !== null || this.closed) {
+      released?.(true);
+      return done(this.failure ?? new VolrepError('VOLREP_ERR_STATE', 'the volume is closed'));
+    }
     const requests: WriteRequest[] = writes.map((w) => ({
       offset: w.offset,
       length: w.length,
@@ -243,11 +299,16 @@ export class PrimaryNode {
     if (this.heldWrites === undefined && this.pair.generations.base === null && !this.session?.inStep())
       this.startOwnGeneration();
     if (this.heldWrites !== undefined) {
-      this.heldWrites.push(() => this.submit(writes, options, done));
+      this.heldWrites.push(() => this.submit(writes, options, done, released));
       return;
     }
     const txId = this.engine.submitTransaction(requests, this.opts.clock.now(), options);
-    this.txs.set(txId, { data: writes.map((w) => (w.kind === 'data' ? (w.data ?? []) : null)), done });
+    const dataWrites = writes.filter((w) => w.kind === 'data').length;
+    this.txs.set(txId, {
+      data: writes.map((w) => (w.kind === 'data' ? (w.data ?? []) : null)),
+      lease: released && new DataLease(dataWrites, released, this.leases),
+      done,
+    });
     this.pump();
   }
 
@@ -400,13 +461,19 @@ export class PrimaryNode {
         this.log.setTail(a.upToLsn, a.idLimit);
         return;
       case 'writeVolume': {
-        const data = this.txs.get(a.txId)?.data[a.index] ?? null;
-        this.buffers.set(a.updateId, data);
+        const tx = this.txs.get(a.txId);
+        const data = tx?.data[a.index] ?? null;
+        const lease = data === null ? undefined : tx?.lease;
+        this.buffers.set(a.updateId, { data, lease });
         this.io(
           (done) => {
-            if (a.kind === 'data')
-              this.storage.volume.write(a.offset, asBuffers(data ?? []), a.length, false, done);
-            else this.storage.volume.writeZeroes(a.offset, a.length, false, done);
+            if (a.kind === 'data') {
+              const written: Done = (err) => {
+                lease?.drop(err === null);
+                done(err);
+              };
+              this.storage.volume.write(a.offset, asBuffers(data ?? []), a.length, false, written);
+            } else this.storage.volume.writeZeroes(a.offset, a.length, false, done);
           },
           () => this.engine.handleVolumeWritten(a.updateId, now()),
         );
@@ -417,14 +484,15 @@ export class PrimaryNode {
         this.io(
           (done) => this.storage.volume.read(a.offset, a.length, buf, 0, done),
           () => {
-            this.buffers.set(a.updateId, [buf]);
+            this.buffers.set(a.updateId, { data: [buf], lease: undefined });
             this.engine.handleResyncRead(a.updateId, now());
           },
         );
         return;
       }
       case 'send': {
-        const data = this.buffers.get(a.updateId) ?? null;
+        const held = this.buffers.get(a.updateId);
+        const data = held?.data ?? null;
         this.buffers.delete(a.updateId);
         const resync = a.source.type === 'resync';
         if (resync) this.counters.resyncBytes += a.length;
@@ -438,9 +506,12 @@ export class PrimaryNode {
           { id: a.updateId, offset: a.offset, length: a.length, kind, resync },
           kind === 'data' ? asBuffers(data ?? []) : [],
         );
+        // The frames go to the connection at the next transmit, which lets go of the bytes.
+        if (held?.lease !== undefined) this.sentLeases.push(held.lease);
         return;
       }
       case 'dropUpdate':
+        this.buffers.get(a.updateId)?.lease?.drop();
         this.buffers.delete(a.updateId);
         return;
       case 'complete': {
@@ -577,10 +648,21 @@ export class PrimaryNode {
     this.event(fn);
   }
 
-  /** Writes the session's frames, in order, to the current connection. */
+  /**
+   * Writes the session's frames, in order, to the current connection. The leases of the updates
+   * among them end once the connection is done with their bytes (at once if there is none: then
+   * nothing holds them).
+   */
   private transmit(): void {
-    const frames = this.session?.takeOutbox();
-    if (frames !== undefined && frames.length > 0) this.connection?.write(frames);
+    const frames = this.session?.takeOutbox() ?? [];
+    const leases = this.sentLeases;
+    if (leases.length > 0) this.sentLeases = [];
+    if (frames.length > 0 && this.connection !== undefined) {
+      this.connection.write(
+        frames,
+        leases.length === 0 ? undefined : (reusable) => dropAll(leases, reusable),
+      );
+    } else dropAll(leases, true);
   }
 
   /** One timer, at the earliest deadline of the engine and the session. */
@@ -655,6 +737,11 @@ export class PrimaryNode {
     this.txs.clear();
     for (const done of this.flushes.values()) done(this.failure);
     this.flushes.clear();
+    // Whatever still reads a write's data (a volume write, a connection) may go on after this:
+    // the callers get their memory back, never to be reused.
+    for (const lease of [...this.leases]) lease.abandon();
+    this.buffers.clear();
+    this.sentLeases = [];
     // Writes held for a new generation's record (which may be what failed) fail too: resubmitted,
     // each finds the failure and completes with it.
     const held = this.heldWrites ?? [];
@@ -694,6 +781,10 @@ export function initialPairState(volumeBornZero?: BornZeroMark): PairState {
     generations: { current: randomGenerationId(), base: null, history: [], resync: null },
     ...(volumeBornZero && { volumeBornZero }),
   };
+}
+
+function dropAll(leases: readonly DataLease[], reusable: boolean): void {
+  for (const lease of leases) lease.drop(reusable);
 }
 
 function asBuffers(chunks: readonly Uint8Array[]): Buffer[] {

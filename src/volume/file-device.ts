@@ -1,5 +1,5 @@
 import fs from 'node:fs';
-import type { BlockDevice, Done } from '../io/block-device.js';
+import type { BlockDevice, Done, Released } from '../io/block-device.js';
 import { isAllZero, ZEROES } from '../util/zero.js';
 
 /**
@@ -11,7 +11,7 @@ export const SYNC_IO_BYTES_MAX = 64 * 1024;
 
 /** A BlockDevice over an open file descriptor, with positioned I/O. */
 export class FileDevice implements BlockDevice {
-  readonly payloadReusableAfterWrite = true;
+  readonly reportsRelease = true;
   /** For the synchronous zero check of small ranges (one at a time: the event loop is single). */
   private readonly scratch = Buffer.allocUnsafe(SYNC_IO_BYTES_MAX);
 
@@ -45,19 +45,25 @@ export class FileDevice implements BlockDevice {
     step(0);
   }
 
-  write(offset: number, data: Buffer[], length: number, fua: boolean, done: Done): void {
-    const finish = fua ? (err: Error | null) => (err ? done(err) : this.flush(done)) : done;
+  write(offset: number, data: Buffer[], length: number, fua: boolean, done: Done, released?: Released): void {
+    // The data is read no more once it is written (a FUA's flush comes after).
+    const written = (err: Error | null) => {
+      released?.(err === null);
+      if (err) done(err);
+      else if (fua) this.flush(done);
+      else done(null);
+    };
     if (length <= this.syncWriteBytesMax) {
       try {
         writevAllSync(this.fd, data, offset);
       } catch (err) {
-        done(err as Error);
+        written(err as Error);
         return;
       }
-      finish(null);
+      written(null);
       return;
     }
-    writevAll(this.fd, data, offset, finish);
+    writevAll(this.fd, data, offset, written);
   }
 
   /**

@@ -6,7 +6,7 @@
  */
 import { type TransactionOptions, WRITE_BYTES_MAX, type WriteKind } from '../core/engine.js';
 import { VolrepError } from '../errors.js';
-import type { BlockDevice, Done } from '../io/block-device.js';
+import type { BlockDevice, Done, Released } from '../io/block-device.js';
 import type { NodeBlockFile } from '../io/block-file.js';
 import { systemClock } from '../io/clock.js';
 import type { RecoveryReport } from '../log/recovery.js';
@@ -69,9 +69,8 @@ export class Volume {
     readonly node: PrimaryNode,
     private readonly raw: FileDevice,
     private readonly metaFiles: NodeBlockFile[],
-    replicating: boolean,
   ) {
-    this.device = new EngineDevice(this, raw, replicating);
+    this.device = new EngineDevice(this, raw);
   }
 
   /**
@@ -135,7 +134,7 @@ export class Volume {
           },
         ),
       );
-      return new Volume(file, node, raw, metaFiles, opts.link !== undefined);
+      return new Volume(file, node, raw, metaFiles);
     } catch (err) {
       for (const f of metaFiles) await f.close();
       await file.close();
@@ -260,14 +259,24 @@ export class Transaction {
     );
   }
 
-  /** @internal commit() with a callback (the NBD path: no promise hop). */
-  commitWith(options: TransactionOptions, done: Done): void {
-    if (this.committed) return done(new VolrepError('VOLREP_ERR_USAGE', 'transaction already committed'));
+  /**
+   * @internal commit() with a callback (the NBD path: no promise hop); `released` once the
+   * node reads the writes' data no more (see PrimaryNode.submit).
+   */
+  commitWith(options: TransactionOptions, done: Done, released?: Released): void {
+    if (this.committed) {
+      released?.(true);
+      return done(new VolrepError('VOLREP_ERR_USAGE', 'transaction already committed'));
+    }
     this.committed = true;
-    if (this.writes.length === 0) return done(null);
+    if (this.writes.length === 0) {
+      released?.(true);
+      return done(null);
+    }
     try {
-      this.volume.node.submit(this.writes, options, done);
+      this.volume.node.submit(this.writes, options, done, released);
     } catch (err) {
+      released?.(true); // refused before anything read the data
       done(err as Error);
     }
   }
@@ -290,25 +299,23 @@ export class Transaction {
 class EngineDevice implements BlockDevice {
   readonly readOnly = false;
   readonly size: number;
-  /** Standalone, a write's data is done with once it is on the volume; replicating, it is sent on. */
-  readonly payloadReusableAfterWrite: boolean;
+  /** The node lets go of a write's data once it is on the volume and, replicating, sent on. */
+  readonly reportsRelease = true;
 
   constructor(
     private readonly volume: Volume,
     private readonly raw: FileDevice,
-    replicating: boolean,
   ) {
     this.size = raw.size;
-    this.payloadReusableAfterWrite = !replicating;
   }
 
   read(offset: number, length: number, buf: Buffer, at: number, done: Done): void {
     this.raw.read(offset, length, buf, at, done);
   }
 
-  write(offset: number, data: Buffer[], length: number, fua: boolean, done: Done): void {
+  write(offset: number, data: Buffer[], length: number, fua: boolean, done: Done, released?: Released): void {
     // The payload stays as the socket chunks it arrived in, through the volume write and the send.
-    this.run(() => this.volume.transaction().writeChunks(offset, data, length), fua, done);
+    this.run(() => this.volume.transaction().writeChunks(offset, data, length), fua, done, released);
   }
 
   writeZeroes(offset: number, length: number, fua: boolean, done: Done): void {
@@ -323,14 +330,15 @@ class EngineDevice implements BlockDevice {
     this.volume.node.flush(done);
   }
 
-  private run(build: () => Transaction, fua: boolean, done: Done): void {
+  private run(build: () => Transaction, fua: boolean, done: Done, released?: Released): void {
     let tx: Transaction;
     try {
       tx = build();
     } catch (err) {
+      released?.(true);
       return done(err as Error);
     }
-    tx.commitWith({ fua }, done);
+    tx.commitWith({ fua }, done, released);
   }
 }
 

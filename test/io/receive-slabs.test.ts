@@ -248,9 +248,16 @@ describe('the NBD server with pooled reads', { timeout: 30_000 }, () => {
     const device: BlockDevice = {
       size,
       readOnly: false,
-      payloadReusableAfterWrite: true,
+      reportsRelease: true,
       read: (_o, _l, _b, _a, done) => done(null),
-      write: (_o, _d, _l, _f, done) => (parking ? parked.push(() => done(null)) : done(null)),
+      write: (_o, _d, _l, _f, done, released) => {
+        const finish = () => {
+          released?.(true);
+          done(null);
+        };
+        if (parking) parked.push(finish);
+        else finish();
+      },
       writeZeroes: (_o, _l, _f, done) => done(null),
       trim: (_o, _l, _f, done) => done(null),
       flush: (done) => done(null),
@@ -284,6 +291,62 @@ describe('the NBD server with pooled reads', { timeout: 30_000 }, () => {
     }
   });
 
+  it('keeps a slab until the device lets go of it, after the write completed, and reads on then', async () => {
+    // A replicating primary completes a write once it is on the volume and lets go of its data
+    // once it is sent on. Here a device that completes at once and lets go only when told: the
+    // data stays as written until then, the connection stops reading at the bound on held
+    // memory (every request already answered), and reads on as the device lets go.
+    const size = 128 * 1024 * 1024;
+    const unreleased: Array<{ data: Buffer[]; expected: Buffer; release: () => void }> = [];
+    const device: BlockDevice = {
+      size,
+      readOnly: false,
+      reportsRelease: true,
+      read: (_o, _l, _b, _a, done) => done(null),
+      write: (_o, data, _l, _f, done, released) => {
+        unreleased.push({ data, expected: Buffer.concat(data), release: () => released?.(true) });
+        done(null);
+      },
+      writeZeroes: (_o, _l, _f, done) => done(null),
+      trim: (_o, _l, _f, done) => done(null),
+      flush: (done) => done(null),
+    };
+    const server = new NbdServer(device, { exportName: 'v', logger: pino({ level: 'silent' }) });
+    const { port } = await server.listen('127.0.0.1', 0);
+    const client = await NbdClient.connect('127.0.0.1', port, 'v');
+    const intact = (w: (typeof unreleased)[number]) => Buffer.concat(w.data).equals(w.expected);
+    try {
+      const count = 96; // 96 MiB: over the 64 MiB bound on held receive memory
+      let answered = 0;
+      const writes = Array.from({ length: count }, (_, i) =>
+        client.write(i * 1024 * 1024, randomBytes(1024 * 1024)).then(() => answered++),
+      );
+      await sleep(500);
+      assert.ok(
+        unreleased.length < count,
+        `${unreleased.length} of ${count} writes taken in with nothing let go`,
+      );
+      assert.equal(answered, unreleased.length, 'every write taken in is answered');
+      assert.ok(unreleased.every(intact), 'data not let go of is left as it was');
+      // Let go of them as they come, checking each is still as written, until all are answered.
+      const all = Promise.all(writes).then(() => true);
+      const deadline = Date.now() + 10_000;
+      for (let finished = false; !finished; ) {
+        assert.ok(Date.now() < deadline, `${answered} of ${count} answered: the connection stopped reading`);
+        for (const w of unreleased.splice(0)) {
+          assert.ok(intact(w), 'data not let go of is left as it was');
+          w.release();
+        }
+        finished = await Promise.race([all, sleep(20).then(() => false)]);
+      }
+      assert.equal(answered, count);
+      await client.close();
+    } finally {
+      for (const w of unreleased.splice(0)) w.release();
+      await server.close();
+    }
+  });
+
   it('does not where the connection may turn into TLS, or the device keeps written data', () => {
     const logger = pino({ level: 'silent' });
     const device = new FileDevice(-1, 4096);
@@ -294,7 +357,7 @@ describe('the NBD server with pooled reads', { timeout: 30_000 }, () => {
       tls: { mode: 'on', acceptor, requireClientCert: false },
     });
     assert.equal(tls.pooledReads, false);
-    const keeps = { ...device, size: 4096, readOnly: false, payloadReusableAfterWrite: false } as never;
+    const keeps = { ...device, size: 4096, readOnly: false, reportsRelease: false } as never;
     assert.equal(new NbdServer(keeps, { exportName: 'v', logger }).pooledReads, false);
   });
 });

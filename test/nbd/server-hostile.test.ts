@@ -16,7 +16,7 @@ import { after, before, describe, it, mock } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import fc from 'fast-check';
 import pino from 'pino';
-import type { BlockDevice, Done } from '../../src/io/block-device.js';
+import type { BlockDevice, Done, Released } from '../../src/io/block-device.js';
 import { ChunkQueue } from '../../src/io/chunk-queue.js';
 import { NbdClient } from '../../src/nbd/client.js';
 import { Handshake } from '../../src/nbd/handshake.js';
@@ -71,8 +71,8 @@ class SpyDevice implements BlockDevice {
   get readOnly(): boolean {
     return this.inner.readOnly;
   }
-  get payloadReusableAfterWrite(): boolean | undefined {
-    return this.inner.payloadReusableAfterWrite;
+  get reportsRelease(): boolean | undefined {
+    return this.inner.reportsRelease;
   }
   private wrap(done: Done): Done {
     this.inFlight++;
@@ -85,9 +85,9 @@ class SpyDevice implements BlockDevice {
     this.calls.push({ op: 'read', offset, length });
     this.inner.read(offset, length, buf, at, this.wrap(done));
   }
-  write(offset: number, data: Buffer[], length: number, fua: boolean, done: Done): void {
+  write(offset: number, data: Buffer[], length: number, fua: boolean, done: Done, released?: Released): void {
     this.calls.push({ op: 'write', offset, length, digest: digest(data) });
-    this.inner.write(offset, data, length, fua, this.wrap(done));
+    this.inner.write(offset, data, length, fua, this.wrap(done), released);
   }
   writeZeroes(offset: number, length: number, fua: boolean, done: Done): void {
     this.calls.push({ op: 'writeZeroes', offset, length });

@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import type { BlockDevice, Done } from '../../src/io/block-device.js';
 import type { BlockFile } from '../../src/io/block-file.js';
 import type { Clock, Timer } from '../../src/io/clock.js';
-import type { Connection, ConnectionEvents, Dialer } from '../../src/io/transport.js';
+import type { Connection, ConnectionEvents, Dialer, Written } from '../../src/io/transport.js';
 import type { Prng } from './prng.js';
 import type { SimDisk } from './sim-disk.js';
 
@@ -319,11 +319,13 @@ export class SimEnd implements Connection {
     readonly remote: string,
   ) {}
 
-  write(buffers: readonly Buffer[]): void {
+  write(buffers: readonly Buffer[], written?: Written): void {
     // After a reset nothing more gets through, though the ends have not heard of it yet (TCP
     // never delivers bytes after a gap).
-    if (this.closed || this.other.closed || this.conn.wasReset) return;
+    if (this.closed || this.other.closed || this.conn.wasReset) return written?.(true);
+    // Copied here, so the caller's memory is free at once (the workload then scribbles on it).
     const chunk = Buffer.concat(buffers as Buffer[]);
+    written?.(true);
     if (chunk.length === 0) return;
     this.conn.network.onSend(this, chunk);
     this.other.inbound.push(chunk);

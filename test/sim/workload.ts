@@ -94,6 +94,8 @@ export class Workload {
   /** Bumped whenever a requirement changes (lets checks skip work). */
   requirementsVersion = 0;
   outstanding = 0;
+  /** Transactions of the current primary whose data the node has not let go of yet. */
+  unreleased = 0;
   submitted = 0;
   private readonly powerLossSteps: number[] = [];
   private secondaryLosses = 0;
@@ -129,6 +131,7 @@ export class Workload {
   abandon(): void {
     this.incarnation += 1;
     this.outstanding = 0;
+    this.unreleased = 0;
   }
 
   /**
@@ -238,13 +241,29 @@ export class Workload {
     this.trace(
       `client ${count > 1 ? 'transaction ' : ''}${writes.map((w) => `#${w.seq} ${w.kind} ${w.offset / SECTOR_BYTES}+${w.length / SECTOR_BYTES}`).join(', ')}${fua ? ' FUA' : ''}`,
     );
-    node.submit(nodeWrites, { fua }, (err) => {
-      if (!alive()) return;
-      this.outstanding -= 1;
-      this.completedCount += 1;
-      if (err) this.error ??= err;
-      else this.completeWrites(writes, step(), epoch());
-    });
+    // The node lends the data back once it reads it no more; a reused receive buffer would then
+    // be written over, so the memory is scribbled on: a node that lets go too early sends or
+    // writes the scribble, which the checks see.
+    let released = false;
+    this.unreleased += 1;
+    node.submit(
+      nodeWrites,
+      { fua },
+      (err) => {
+        if (!alive()) return;
+        this.outstanding -= 1;
+        this.completedCount += 1;
+        if (err) this.error ??= err;
+        else this.completeWrites(writes, step(), epoch());
+      },
+      (reusable) => {
+        if (!alive()) return;
+        if (released) this.error ??= new Error(`transaction #${writes[0].seq}: its data was released twice`);
+        released = true;
+        this.unreleased -= 1;
+        if (reusable) for (const w of nodeWrites) for (const piece of w.data ?? []) piece.fill(0xa5);
+      },
+    );
   }
 
   private completeWrites(writes: ClientWrite[], at: number, epochNow: number): void {

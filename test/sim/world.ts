@@ -169,7 +169,11 @@ export class World {
   /** Update ids the secondary wrote to the replica, in order, and which of them are durable. */
   readonly writtenIds: number[] = [];
   readonly durableIds = new Set<number>();
-  private readonly sniffers = new Map<SimEnd, { queue: ChunkQueue; decoder: FrameDecoder }>();
+  /** Per end and direction (an end's bytes out and in are two streams). */
+  private readonly sniffers = {
+    sent: new Map<SimEnd, { queue: ChunkQueue; decoder: FrameDecoder }>(),
+    delivered: new Map<SimEnd, { queue: ChunkQueue; decoder: FrameDecoder }>(),
+  };
 
   constructor(readonly options: SimOptions) {
     this.prng = new Prng(options.seed);
@@ -216,10 +220,10 @@ export class World {
     this.checks = new Checks(this);
     this.net.trace = (line) => this.trace(`  net: ${line}`);
     this.net.onSend = (from, chunk) => {
-      this.sniff(from, chunk);
+      this.sniff(from, 'sent', chunk);
     };
     this.net.onDeliver = (to, chunk) => {
-      if (to.node === 'primary') this.sniff(to, chunk);
+      if (to.node === 'primary') this.sniff(to, 'delivered', chunk);
     };
     this.replica.onWritten = (id) => this.writtenIds.push(id);
     this.replica.onDurable = (id) => this.durableIds.add(id);
@@ -582,16 +586,23 @@ export class World {
    * Frames the primary sent (updates) and received (acks, welcomes), and the acks the secondary
    * sent, decoded as they pass.
    */
-  private sniff(end: SimEnd, chunk: Buffer): void {
-    let s = this.sniffers.get(end);
+  private sniff(end: SimEnd, direction: 'sent' | 'delivered', chunk: Buffer): void {
+    const sniffers = this.sniffers[direction];
+    let s = sniffers.get(end);
     if (s === undefined) {
       s = { queue: new ChunkQueue(), decoder: new FrameDecoder() };
-      this.sniffers.set(end, s);
+      sniffers.set(end, s);
     }
     s.queue.push(Buffer.from(chunk));
     for (;;) {
       const r = s.decoder.next(s.queue);
-      if (r === undefined || r.kind === 'error') return;
+      if (r === undefined) return;
+      if (r.kind === 'error') {
+        // The network here never changes a byte: the sender's own bytes changed after it framed
+        // them (memory reused while still queued to send?) or it framed them wrong.
+        if (direction === 'sent') this.fail('correctness', `the ${end.node} sent a bad frame: ${r.reason}`);
+        return;
+      }
       const m = decodeMessage(r.frame);
       if (end.node === 'secondary') {
         // The moment the secondary says "durable": every update up to it must be (H5).
@@ -648,6 +659,14 @@ export class World {
       throw new SimFailure(
         'correctness',
         'after converging, some of the replica is not durable though all was acked',
+      );
+    }
+    // Everything is sent and acked: the node must have let go of every write's data (a lease it
+    // forgets keeps an NBD client's receive memory, and in time stalls the connection).
+    if (this.workload.unreleased !== 0) {
+      throw new SimFailure(
+        'liveness',
+        `after converging the primary still holds the data of ${this.workload.unreleased} transactions`,
       );
     }
     this.trace(`converged: volume and replica identical (crc32c ${crc32c(Buffer.from(v)).toString(16)})`);
