@@ -1,6 +1,7 @@
 /** The transport over node:net: TCP connections to and from the peer (plaintext; TLS in tls.ts). */
 import net from 'node:net';
 import tls from 'node:tls';
+import { ReceiveSlabs, readIntoSlabs } from './receive-slabs.js';
 import { StagedWriter } from './staged-writes.js';
 import type { Connection, ConnectionEvents, Dialer, Written } from './transport.js';
 
@@ -8,7 +9,14 @@ import type { Connection, ConnectionEvents, Dialer, Written } from './transport.
 export function socketConnection(socket: net.Socket, events: ConnectionEvents): Connection {
   let reason = 'connection closed';
   socket.on('connect', () => events.open());
-  socket.on('data', (chunk: Buffer) => events.data(chunk));
+  /** Asked for by the owner: from a read with nothing buffered before it on, chunks are slab views. */
+  let slabs: ReceiveSlabs | undefined;
+  let slabReads = false;
+  socket.on('data', (chunk: Buffer) => {
+    events.data(chunk);
+    if (slabs !== undefined && !slabReads && !socket.destroyed && socket.readableLength === 0)
+      slabReads = readIntoSlabs(socket, slabs, (c) => events.data(c));
+  });
   socket.on('error', (err: Error & { library?: unknown; reason?: unknown }) => {
     // An OpenSSL error's message carries an address and a source path; its `reason` is for people.
     reason =
@@ -60,6 +68,16 @@ export function socketConnection(socket: net.Socket, events: ConnectionEvents): 
     },
     pause: () => socket.pause(),
     resume: () => socket.resume(),
+    receiveIntoSlabs() {
+      if (slabs === undefined) {
+        slabs = new ReceiveSlabs();
+        slabs.negotiated(); // no negotiation here: reads go to slabs from the start
+      }
+      return slabs;
+    },
+    get readsIntoSlabs() {
+      return slabReads;
+    },
   };
 }
 

@@ -47,8 +47,19 @@ export class ReceiveSlabs {
   /** Until requests may come, reads reuse the small first buffer whenever nothing holds it. */
   private negotiating = true;
 
-  /** `onAllocate` hears of every slab allocated (the server counts them). */
-  constructor(private readonly onAllocate?: () => void) {
+  private readonly slabBytes: number;
+  private readonly readBytesMin: number;
+
+  /**
+   * `onAllocate` hears of every slab allocated (the server counts them). Smaller `slabBytes` (reads
+   * scaled down with them) are for tests that want slabs reused often.
+   */
+  constructor(
+    private readonly onAllocate?: () => void,
+    slabBytes = SLAB_BYTES,
+  ) {
+    this.slabBytes = slabBytes;
+    this.readBytesMin = Math.max(1, Math.floor((slabBytes * READ_BYTES_MIN) / SLAB_BYTES));
     // The negotiation reads a few bytes: a small first buffer, not a slab, until it is done.
     this.current = this.track(Buffer.allocUnsafeSlow(FIRST_READ_BYTES));
   }
@@ -60,7 +71,7 @@ export class ReceiveSlabs {
 
   /** Bytes of memory that something still holds (what a connection must bound, not just its requests). */
   get heldBytes(): number {
-    return this.held * SLAB_BYTES;
+    return this.held * this.slabBytes;
   }
 
   /** Requests may come from here on: reads go to slabs. */
@@ -72,7 +83,7 @@ export class ReceiveSlabs {
   nextReadBuffer(): Buffer {
     if (this.negotiating && this.current.holds === 0) this.used = 0;
     const tail = this.current.memory.length - this.used;
-    if (this.used > 0 && tail < READ_BYTES_MIN) {
+    if (this.used > 0 && tail < this.readBytesMin) {
       const old = this.current;
       this.current = this.reusable() ?? this.allocate();
       this.used = 0;
@@ -140,7 +151,7 @@ export class ReceiveSlabs {
   private settle(slab: Slab): void {
     let free = 0; // this one included
     for (const s of this.retired) if (s.holds === 0) free++;
-    if (slab.abandoned || slab.memory.length !== SLAB_BYTES || free > FREE_SLABS_MAX) this.forget(slab);
+    if (slab.abandoned || slab.memory.length !== this.slabBytes || free > FREE_SLABS_MAX) this.forget(slab);
   }
 
   /** A retired slab that holds nothing, if any (every such slab is fit for reuse). */
@@ -160,7 +171,7 @@ export class ReceiveSlabs {
   private allocate(): Slab {
     this.allocated++;
     this.onAllocate?.();
-    return this.track(Buffer.allocUnsafeSlow(SLAB_BYTES));
+    return this.track(Buffer.allocUnsafeSlow(this.slabBytes));
   }
 
   private track(memory: Buffer): Slab {
@@ -204,4 +215,39 @@ export function adoptWithPooledReads(
   const socket = new net.Socket(options);
   socket.setNoDelay(true);
   return socket;
+}
+
+/**
+ * Switches a socket that is already reading (a TLS socket a server handed over, say) to reading
+ * into `slabs`, calling `onChunk` with every chunk from the next read on (no more 'data' events).
+ * Node takes a socket's read memory only from its constructor's `onread` option, which a TLS
+ * socket made over an accepted socket ignores; this sets the same fields that option sets (node's
+ * own, found by name) and hands the memory to the socket's handle. Call it only while the socket
+ * has nothing buffered (inside a 'data' handler, with `readableLength` 0), or bytes would come out
+ * of order. Returns false, leaving the socket as it was, where this node lacks what that needs.
+ */
+export function readIntoSlabs(
+  socket: net.Socket,
+  slabs: ReceiveSlabs,
+  onChunk: (chunk: Buffer) => void,
+): boolean {
+  const handle = (socket as unknown as { _handle?: { useUserBuffer?: (b: Uint8Array) => void } | null })
+    ._handle;
+  if (handle == null || typeof handle.useUserBuffer !== 'function' || socket.readableLength > 0) return false;
+  const fields = socket as unknown as Record<symbol, unknown>;
+  const field = (name: string) => Object.getOwnPropertySymbols(socket).find((s) => s.description === name);
+  const kBuffer = field('kBuffer');
+  const kBufferCb = field('kBufferCb');
+  const kBufferGen = field('kBufferGen');
+  if (kBuffer === undefined || kBufferCb === undefined || kBufferGen === undefined) return false;
+  if (fields[kBuffer] !== null || fields[kBufferCb] !== null || fields[kBufferGen] !== null) return false;
+  const first = slabs.nextReadBuffer();
+  fields[kBufferGen] = () => slabs.nextReadBuffer();
+  fields[kBufferCb] = (n: number, buffer: Uint8Array) => {
+    onChunk(slabs.filled(buffer as Buffer, n));
+    return true; // pause() and resume() still decide whether it reads on
+  };
+  fields[kBuffer] = first;
+  handle.useUserBuffer(first);
+  return true;
 }

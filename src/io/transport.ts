@@ -1,3 +1,5 @@
+import type { ReceiveSlabs } from './receive-slabs.js';
+
 /**
  * A byte-stream connection as the replication shells see it: ordered bytes in and out, a close
  * that says why. node:net implements it (net.ts); the simulator implements it over a simulated
@@ -20,6 +22,15 @@ export interface Connection {
   close(reason: string): void;
   /** Sends what is queued, then closes (a last word, like a refusal). */
   end(reason: string): void;
+  /**
+   * From a coming read on, read into reused memory (receive-slabs.ts) instead of a fresh buffer per
+   * read (which, kept until the data is written, costs a full garbage collection every few tens of
+   * MB). The caller then owns every chunk's hold: `dropChunk` each once done with it; views kept
+   * longer, `hold` and `release` (or `abandon`). Absent where the transport cannot.
+   */
+  receiveIntoSlabs?(): ReceiveSlabs;
+  /** Chunks now come from the slabs (for tests: node let the socket read that way). */
+  readonly readsIntoSlabs?: boolean;
   /** Stops delivering `data` until `resume` (backpressure). */
   pause(): void;
   resume(): void;

@@ -21,7 +21,7 @@
  * durable (H13). During a resync the replica is durably marked inconsistent before the first
  * resync byte lands, and consistent again only after the last one is durable.
  */
-import type { BlockDevice } from '../io/block-device.js';
+import type { BlockDevice, Released } from '../io/block-device.js';
 import type { Clock, Timer } from '../io/clock.js';
 import type { BornZeroMark } from '../volume/born-zero.js';
 import { endResync, type Generations } from './generations.js';
@@ -72,6 +72,16 @@ export const COALESCE_BYTES_MAX = 1024 * 1024;
  */
 export const WRITES_IN_FLIGHT_MAX = 3;
 
+/** One replica write: an update, or several adjacent ones joined (see `coalesce`). */
+interface ReplicaWrite {
+  update: UpdateHeader;
+  data: Buffer[];
+  /** Updates it carries. */
+  count: number;
+  /** What to tell once the write reads `data` no more. */
+  released: Released[];
+}
+
 interface WriteInFlight {
   /** The highest update id the write carries. */
   id: number;
@@ -91,7 +101,8 @@ export interface ApplierOptions {
 }
 
 export type ApplierOp =
-  | { kind: 'update'; update: UpdateHeader; data: Buffer[] }
+  /** A data update's `released` (if any): called once its replica write reads `data` no more (BlockDevice's rule). */
+  | { kind: 'update'; update: UpdateHeader; data: Buffer[]; released?: Released }
   | { kind: 'barrier' }
   | { kind: 'resyncBegin' }
   | { kind: 'resyncEnd' };
@@ -265,7 +276,7 @@ export class Applier {
         // Writes run side by side only where they do not overlap: the replica ends as in id order.
         if (this.writes.length >= WRITES_IN_FLIGHT_MAX || this.overlapsWriteInFlight(op.update)) break;
         this.queue.shift();
-        this.applyUpdate(this.coalesce(op.update, op.data));
+        this.applyUpdate(this.coalesce(op));
         continue;
       }
       // Barrier, and both resync marks: a sync point, once every write before it is done.
@@ -307,12 +318,11 @@ export class Applier {
    * consecutive ids and do not overlap, so the replica ends the same; `update` comes back as the
    * whole range under the last id, which is what an ack of the batch covers anyway.
    */
-  private coalesce(
-    update: UpdateHeader,
-    data: Buffer[],
-  ): { update: UpdateHeader; data: Buffer[]; count: number } {
+  private coalesce(op: ApplierOp & { kind: 'update' }): ReplicaWrite {
+    const { update, data } = op;
+    const released = op.released === undefined ? [] : [op.released];
     let count = 1;
-    if (update.kind !== 'data') return { update, data, count };
+    if (update.kind !== 'data') return { update, data, count, released };
     let joined = update;
     let buffers = data;
     for (;;) {
@@ -325,13 +335,14 @@ export class Applier {
       this.queue.shift();
       if (buffers === data) buffers = [...data];
       for (const b of next.data) buffers.push(b);
+      if (next.released !== undefined) released.push(next.released);
       joined = { ...next.update, offset: joined.offset, length: joined.length + next.update.length };
       count += 1;
     }
-    return { update: joined, data: buffers, count };
+    return { update: joined, data: buffers, count, released };
   }
 
-  private applyUpdate(batch: { update: UpdateHeader; data: Buffer[]; count: number }): void {
+  private applyUpdate(batch: ReplicaWrite): void {
     const { update, data } = batch;
     const write: WriteInFlight = {
       id: update.id,
@@ -362,7 +373,14 @@ export class Applier {
       if (returned) this.pump();
     };
     this.applying = update.id;
-    if (update.kind === 'data') this.device.write(update.offset, data, update.length, false, done);
+    const { released } = batch;
+    const letGo =
+      released.length === 0
+        ? undefined
+        : (reusable: boolean) => {
+            for (const r of released) r(reusable);
+          };
+    if (update.kind === 'data') this.device.write(update.offset, data, update.length, false, done, letGo);
     else if (update.kind === 'zero') this.device.writeZeroes(update.offset, update.length, false, done);
     else this.device.trim(update.offset, update.length, false, done);
     this.applying = 0;

@@ -100,7 +100,7 @@ export class SecondarySession {
   private linkState: SecondaryLinkState = 'awaitingHello';
   private readonly actions: SecondarySessionAction[] = [];
   private outbox: Buffer[] = [];
-  private readonly queue = new ChunkQueue();
+  private readonly queue: ChunkQueue;
   private readonly decoder = new FrameDecoder();
   private readonly helloDeadlineMs: number;
   private lastHeardMs: number;
@@ -118,7 +118,10 @@ export class SecondarySession {
      * with both sides' generations, so that two primaries that wrote apart see the split brain.
      */
     private readonly asPrimary = false,
+    /** Hears of every received chunk the session is done with (its memory may be reused then). */
+    onChunkDropped?: (chunk: Buffer) => void,
   ) {
+    this.queue = new ChunkQueue(onChunkDropped);
     this.helloDeadlineMs = now + HELLO_TIMEOUT_MS;
     this.lastHeardMs = now;
   }

@@ -19,6 +19,7 @@ import { VolrepError } from '../errors.js';
 import type { BlockDevice } from '../io/block-device.js';
 import type { BlockFile } from '../io/block-file.js';
 import type { Clock, Timer } from '../io/clock.js';
+import type { ReceiveSlabs } from '../io/receive-slabs.js';
 import { SlotFile } from '../io/slot-file.js';
 import type { Connection, ConnectionEvents } from '../io/transport.js';
 import type { BitmapFile } from '../log/bitmap-file.js';
@@ -64,6 +65,8 @@ interface Peer {
   connection: Connection;
   session: SecondarySession;
   paused: boolean;
+  /** Where the connection reads into, when it reads into reused memory (held until applied). */
+  memory: ReceiveSlabs | undefined;
 }
 
 export interface SecondaryNodeStatus {
@@ -107,6 +110,8 @@ export class SecondaryNode {
     private readonly identity: ReplicaIdentity,
     private readonly opts: SecondaryNodeOptions,
     private readonly own: OwnDirty,
+    /** The replica device says when a write's data is read no more (BlockDevice.reportsRelease). */
+    private readonly replicaReportsRelease: boolean,
   ) {
     const state = applier.state;
     if (state.generations.current === null && state.lastAppliedUpdate === 0) this.bornZero = state.bornZero;
@@ -125,7 +130,7 @@ export class SecondaryNode {
     };
     applier.onProgress = () => {
       const peer = this.current;
-      if (peer?.paused && applier.queuedBytes <= APPLY_BACKLOG_BYTES_MAX / 2) {
+      if (peer?.paused && !this.backlogged(peer, APPLY_BACKLOG_BYTES_MAX / 2)) {
         peer.paused = false;
         peer.connection.resume();
       }
@@ -148,7 +153,20 @@ export class SecondaryNode {
         'regions this replica may hold differently (writes it made as a primary): reported to the primary',
       );
     const applier = new Applier(storage.replica, slots, value, { clock: opts.clock });
-    return new SecondaryNode(applier, identity, opts, own);
+    return new SecondaryNode(applier, identity, opts, own, storage.replica.reportsRelease === true);
+  }
+
+  /** Receive memory the current connection's chunks and unapplied updates still hold (0 once all is applied). */
+  get receiveMemoryHeld(): number {
+    return this.current?.memory?.heldBytes ?? 0;
+  }
+
+  /**
+   * Over the backlog bound: the bytes received and not yet applied, or the receive memory they
+   * hold (a small update keeps a whole slab).
+   */
+  private backlogged(peer: Peer, bound = APPLY_BACKLOG_BYTES_MAX): boolean {
+    return this.applier.queuedBytes > bound || (peer.memory?.heldBytes ?? 0) > bound;
   }
 
   /** Whether the replica is still as `volrep create` made it (the file checked now). */
@@ -211,14 +229,20 @@ export class SecondaryNode {
 
   /** A new connection from a would-be primary; returns the events its transport must report. */
   accept(connection: Connection): ConnectionEvents {
+    // Update data stays in the chunks it arrived in until its replica write is done: read into
+    // reused memory, where the replica says when it is done with it (README, Performance).
+    const memory = this.replicaReportsRelease ? connection.receiveIntoSlabs?.() : undefined;
     const peer: Peer = {
       connection,
       session: new SecondarySession(
         this.identity,
         this.opts.clock.now(),
         () => this.applier.state.generations,
+        false,
+        memory && ((chunk) => memory.dropChunk(chunk)),
       ),
       paused: false,
+      memory,
     };
     if (this.failure !== null || this.closing) {
       connection.close(this.failure ? `replica failed: ${this.failure.message}` : 'stopping');
@@ -286,9 +310,20 @@ export class SecondaryNode {
       }
       case 'apply': {
         if (this.current !== peer) return peer.session.drop('a newer connection from the primary took over');
-        const problem = this.applier.push(a.op);
-        if (problem !== undefined) return peer.session.drop(problem);
-        if (!peer.paused && this.applier.queuedBytes > APPLY_BACKLOG_BYTES_MAX) {
+        let op = a.op;
+        const { memory } = peer;
+        if (memory !== undefined && op.kind === 'update' && op.update.kind === 'data') {
+          // Held from here (before the applier may write it, even at once) until written.
+          const { data } = op;
+          memory.hold(data);
+          op = { ...op, released: (reusable) => (reusable ? memory.release(data) : memory.abandon(data)) };
+        }
+        const problem = this.applier.push(op);
+        if (problem !== undefined) {
+          if (op !== a.op && op.kind === 'update') memory?.release(op.data);
+          return peer.session.drop(problem);
+        }
+        if (!peer.paused && this.backlogged(peer)) {
           peer.paused = true;
           peer.connection.pause();
         }

@@ -5,9 +5,10 @@
  * goes through here, so one seed decides every interleaving.
  */
 import assert from 'node:assert/strict';
-import type { BlockDevice, Done } from '../../src/io/block-device.js';
+import type { BlockDevice, Done, Released } from '../../src/io/block-device.js';
 import type { BlockFile } from '../../src/io/block-file.js';
 import type { Clock, Timer } from '../../src/io/clock.js';
+import { ReceiveSlabs } from '../../src/io/receive-slabs.js';
 import type { Connection, ConnectionEvents, Dialer, Written } from '../../src/io/transport.js';
 import type { Prng } from './prng.js';
 import type { SimDisk } from './sim-disk.js';
@@ -157,6 +158,7 @@ export class SimFile implements BlockFile {
 /** A BlockDevice (volume or replica) whose operations wait in the IoQueue. */
 export class SimDevice implements BlockDevice {
   readonly readOnly = false;
+  readonly reportsRelease = true;
   readonly size: number;
   /** Gives each write its tag (the simulator maps replica writes to update ids). */
   tagWrite: (offset: number, length: number) => number = () => 0;
@@ -185,10 +187,14 @@ export class SimDevice implements BlockDevice {
     });
   }
 
-  write(offset: number, data: Buffer[], length: number, fua: boolean, done: Done): void {
+  write(offset: number, data: Buffer[], length: number, fua: boolean, done: Done, released?: Released): void {
     assert.equal(fua, false, 'the engine and the applier never ask the device for FUA');
     const bytes = Buffer.concat(data, length);
-    this.issueWrite(offset, bytes, done);
+    // Copied here, but let go of when done, as a file does (the caller may reuse the memory then).
+    this.issueWrite(offset, bytes, (err) => {
+      released?.(err === null);
+      done(err);
+    });
   }
 
   writeZeroes(offset: number, length: number, fua: boolean, done: Done): void {
@@ -297,6 +303,9 @@ export class SimTime {
 // -------------------------------------------------------------------------------------------------
 // Network
 
+/** Receive slabs of a simulated connection: small, so that a run reuses them many times. */
+const SIM_SLAB_BYTES = 8 * 1024;
+
 /** One end of a simulated connection. */
 export class SimEnd implements Connection {
   readonly secure = false;
@@ -311,6 +320,8 @@ export class SimEnd implements Connection {
   closeReported = false;
   /** A close from the other side is on its way, after the inbound bytes. */
   closeComing: string | undefined;
+  /** Where delivered bytes go when the owner asked for reused memory (small slabs: reused often). */
+  slabs: ReceiveSlabs | undefined;
   other!: SimEnd;
 
   constructor(
@@ -353,6 +364,14 @@ export class SimEnd implements Connection {
 
   pause(): void {
     this.paused = true;
+  }
+
+  receiveIntoSlabs(): ReceiveSlabs {
+    if (this.slabs === undefined) {
+      this.slabs = new ReceiveSlabs(undefined, SIM_SLAB_BYTES);
+      this.slabs.negotiated();
+    }
+    return this.slabs;
   }
 
   resume(): void {
@@ -466,7 +485,14 @@ export class SimNetwork {
     }
     if (end.closed) return;
     this.onDeliver(end, chunk);
-    end.events?.data(chunk);
+    if (end.slabs === undefined) return end.events?.data(chunk);
+    // Into the owner's slabs, as a socket reading into them would (a read fills a slab's tail).
+    for (let at = 0; at < chunk.length && !end.closed; ) {
+      const into = end.slabs.nextReadBuffer();
+      const n = chunk.copy(into, 0, at, Math.min(chunk.length, at + into.length));
+      at += n;
+      end.events?.data(end.slabs.filled(into, n));
+    }
   }
 
   deliverClose(end: SimEnd): void {

@@ -669,6 +669,12 @@ export class World {
         `after converging the primary still holds the data of ${this.workload.unreleased} transactions`,
       );
     }
+    const held = this.secondary.node?.receiveMemoryHeld ?? 0;
+    if (held !== 0)
+      throw new SimFailure(
+        'liveness',
+        `after converging the secondary still holds ${held} bytes of receive memory`,
+      );
     this.trace(`converged: volume and replica identical (crc32c ${crc32c(Buffer.from(v)).toString(16)})`);
   }
 
