@@ -15,9 +15,10 @@ export interface BlockDevice {
   readonly size: number;
   readonly readOnly: boolean;
   /**
-   * write() calls its `released` exactly once, when it reads `data` no more: at done for a file,
-   * later for a replicating primary (once the data is sent on). The caller may then reuse that
-   * memory. Absent means false: `released` is never called.
+   * write() calls its `released` exactly once, when it reads `data` no more: for a file once it
+   * is written (before done, and before a FUA's flush), for a replicating primary once it is sent
+   * on too (often after done). The caller may then reuse that memory. Absent means false:
+   * `released` is never called.
    */
   readonly reportsRelease?: boolean;
   /** Fills `buf[at, at + length)` with the bytes at `offset`. */

@@ -24,11 +24,15 @@ export function socketConnection(socket: net.Socket, events: ConnectionEvents): 
   });
   // Plaintext: a corked writev hands the kernel the buffers as they are. TLS: see staged-writes.ts.
   const staged = socket instanceof tls.TLSSocket ? new StagedWriter(socket) : undefined;
-  /** Plaintext writes whose `written` is still owed (node calls write callbacks even on destroy; this is the guard). */
+  /**
+   * Plaintext writes whose `written` is still owed. Node calls a write's callback even when the
+   * socket is destroyed, once libuv is done with it; at 'close' (after every write was completed
+   * or cancelled) nothing reads them any more: this is the guard.
+   */
   const unwritten = new Set<Written>();
   socket.on('close', () => {
     staged?.abandon();
-    for (const written of [...unwritten]) written(false);
+    for (const written of [...unwritten]) written();
     unwritten.clear();
     events.close(reason, false);
   });
@@ -40,14 +44,15 @@ export function socketConnection(socket: net.Socket, events: ConnectionEvents): 
     secure: false,
     peerFingerprint: null,
     write(buffers, written) {
-      if (socket.destroyed || buffers.length === 0) return written?.(true); // nothing took them
+      if (socket.destroyed || buffers.length === 0) return written?.(); // nothing took them
       if (staged) return staged.write(buffers, written);
-      // Write callbacks come in order: the last one's means the stream is done with them all.
-      let last: ((err?: Error | null) => void) | undefined;
+      // Write callbacks come in order: the last one's means the stream is done with them all
+      // (sent, or failed: either way libuv reads them no more).
+      let last: (() => void) | undefined;
       if (written !== undefined) {
         unwritten.add(written);
-        last = (err) => {
-          if (unwritten.delete(written)) written(err == null);
+        last = () => {
+          if (unwritten.delete(written)) written();
         };
       }
       socket.cork();

@@ -1,6 +1,6 @@
 /**
- * Reads from an NBD client's socket into memory that is reused, instead of the fresh 64 KiB
- * buffer node allocates for every read.
+ * Reads a socket into memory that is reused (an NBD client's, a secondary's replication link),
+ * instead of the fresh buffer node allocates for every read (64 KiB; 16 KiB through TLS).
  *
  * Why: at 1 MiB writes those per-read buffers live until their request's volume write is done,
  * and V8 counts them as external memory: a full mark-compact ran for every ~55 MB received, and
@@ -10,9 +10,11 @@
  * (README, Performance).
  *
  * A slab is reused only once nothing can still read it: every chunk read into it counts as a hold
- * until the receive queue drops it, and every WRITE payload view as a hold until its request
- * settles. A request that fails may leave I/O running on its views, so its slabs are never reused
- * (they go to the garbage collector). A hold that is never released only costs a slab.
+ * until the receive queue drops it, and every view kept longer (a WRITE payload, an update's
+ * data) as a hold until whoever writes it lets go (BlockDevice's `released`: after the volume
+ * write, and for a replicating primary after the send). Where some I/O may still read a view
+ * (a failed write, a node that stopped), its slabs are never reused (they go to the garbage
+ * collector). A hold that is never released only costs a slab.
  */
 import net from 'node:net';
 

@@ -39,17 +39,17 @@ export class StagedWriter {
 
   /**
    * Queues bytes to send, in order (copied into a stage before the call returns only if one is
-   * free); `written(true)` once all of them are copied (the writer reads them no more).
+   * free); `written` once all of them are copied (the writer reads them no more).
    */
   write(buffers: readonly Buffer[], written?: Written): void {
-    if (this.failed) return written?.(true); // the socket is going away: nothing will read them
+    if (this.failed) return written?.(); // the socket is going away: nothing will read them
     for (const b of buffers) {
       if (b.length === 0) continue;
       this.queue.push(b);
       this.queued += 1;
     }
     if (written !== undefined) {
-      if (this.queued === this.staged) written(true);
+      if (this.queued === this.staged) written();
       else this.owed.push({ upTo: this.queued, written });
     }
     this.pump();
@@ -59,7 +59,7 @@ export class StagedWriter {
     }
   }
 
-  /** The socket is gone: what is still queued will never be staged (its callers hear `false`). */
+  /** The socket is gone: what is still queued will never be staged (its callers hear so now). */
   abandon(): void {
     this.failed = true;
     this.queue = [];
@@ -67,7 +67,7 @@ export class StagedWriter {
     this.headOffset = 0;
     const owed = this.owed;
     this.owed = [];
-    for (const { written } of owed) written(false);
+    for (const { written } of owed) written();
   }
 
   /** Ends the socket once everything queued is handed to it. */
@@ -110,7 +110,7 @@ export class StagedWriter {
     }
     let settled = 0;
     while (settled < this.owed.length && this.owed[settled].upTo <= this.staged) settled++;
-    if (settled > 0) for (const { written } of this.owed.splice(0, settled)) written(true);
+    if (settled > 0) for (const { written } of this.owed.splice(0, settled)) written();
     if (this.ending && this.head === this.queue.length && !this.failed && !this.socket.destroyed) {
       this.ending = false;
       this.socket.end();

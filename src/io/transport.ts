@@ -14,8 +14,8 @@ export interface Connection {
   readonly peerFingerprint: string | null;
   /**
    * Queues bytes to send, in order (never blocks; the caller bounds what it queues). `written`
-   * is called once, when the connection reads the buffers no more: `true` once they are sent or
-   * copied, `false` if the connection went away first (I/O may still read them: never reuse).
+   * is called once, when the connection reads the buffers no more: sent, copied, or never to be
+   * sent (the connection went away); the caller may reuse the memory then.
    */
   write(buffers: readonly Buffer[], written?: Written): void;
   /** Ends the connection at once, dropping what is not sent yet; `close` follows on its events. */
@@ -36,7 +36,7 @@ export interface Connection {
   resume(): void;
 }
 
-export type Written = (reusable: boolean) => void;
+export type Written = () => void;
 
 /** What a connection reports to its owner. */
 export interface ConnectionEvents {

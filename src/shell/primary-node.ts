@@ -650,19 +650,16 @@ export class PrimaryNode {
 
   /**
    * Writes the session's frames, in order, to the current connection. The leases of the updates
-   * among them end once the connection is done with their bytes (at once if there is none: then
-   * nothing holds them).
+   * among them end once the connection is done with their bytes (at once if there is no
+   * connection or no frame: then nothing holds them).
    */
   private transmit(): void {
     const frames = this.session?.takeOutbox() ?? [];
     const leases = this.sentLeases;
     if (leases.length > 0) this.sentLeases = [];
     if (frames.length > 0 && this.connection !== undefined) {
-      this.connection.write(
-        frames,
-        leases.length === 0 ? undefined : (reusable) => dropAll(leases, reusable),
-      );
-    } else dropAll(leases, true);
+      this.connection.write(frames, leases.length === 0 ? undefined : () => dropAll(leases));
+    } else dropAll(leases);
   }
 
   /** One timer, at the earliest deadline of the engine and the session. */
@@ -783,8 +780,8 @@ export function initialPairState(volumeBornZero?: BornZeroMark): PairState {
   };
 }
 
-function dropAll(leases: readonly DataLease[], reusable: boolean): void {
-  for (const lease of leases) lease.drop(reusable);
+function dropAll(leases: readonly DataLease[]): void {
+  for (const lease of leases) lease.drop();
 }
 
 function asBuffers(chunks: readonly Uint8Array[]): Buffer[] {

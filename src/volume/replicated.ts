@@ -273,10 +273,21 @@ export class Transaction {
       released?.(true);
       return done(null);
     }
+    // Refused before anything read the data (a throw), unless the node already let go of it.
+    let handedBack = false;
     try {
-      this.volume.node.submit(this.writes, options, done, released);
+      this.volume.node.submit(
+        this.writes,
+        options,
+        done,
+        released &&
+          ((reusable) => {
+            handedBack = true;
+            released(reusable);
+          }),
+      );
     } catch (err) {
-      released?.(true); // refused before anything read the data
+      if (!handedBack) released?.(true);
       done(err as Error);
     }
   }

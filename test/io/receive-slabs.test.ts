@@ -347,7 +347,7 @@ describe('the NBD server with pooled reads', { timeout: 30_000 }, () => {
     }
   });
 
-  it('does not where the connection may turn into TLS, or the device keeps written data', () => {
+  it('does not where the connection may turn into TLS, or the device does not say when it lets go', () => {
     const logger = pino({ level: 'silent' });
     const device = new FileDevice(-1, 4096);
     const acceptor = {} as TlsAcceptor;

@@ -63,7 +63,10 @@ async function openStandaloneNode(
   storage: Parameters<typeof PrimaryNode.open>[0],
   meta: { size: number; regionSize: number },
   onFailure?: (err: Error) => void,
-): Promise<{ node: PrimaryNode; submit: (offset: number) => Promise<Error | null> }> {
+): Promise<{
+  node: PrimaryNode;
+  submit: (offset: number, released?: (reusable: boolean) => void) => Promise<Error | null>;
+}> {
   const node = await PrimaryNode.open(
     storage,
     {
@@ -75,9 +78,14 @@ async function openStandaloneNode(
     },
     { clock: systemClock, logger: silent, onFailure },
   );
-  const submit = (offset: number) =>
+  const submit = (offset: number, released?: (reusable: boolean) => void) =>
     new Promise<Error | null>((resolve) =>
-      node.submit([{ offset, kind: 'data', length: 4096, data: [Buffer.alloc(4096, 1)] }], {}, resolve),
+      node.submit(
+        [{ offset, kind: 'data', length: 4096, data: [Buffer.alloc(4096, 1)] }],
+        {},
+        resolve,
+        released,
+      ),
     );
   return { node, submit };
 }
@@ -239,6 +247,40 @@ describe('the primary node on real files with a real secondary', () => {
     assert.notEqual(outcomes, 'hung', 'the held writes must complete');
     for (const err of outcomes as Array<Error | null>)
       assert.match(String(err?.message), /stopped after an I\/O error: EIO: the pair state went away/);
+    await node.close();
+  });
+
+  it("a node that fails lets go of every write's data once, not for reuse where a write may still read it", async () => {
+    // Volume writes that never finish, then a log sync that fails: the node stops with writes
+    // still reading their data. Each caller must hear once (or an NBD client's receive memory
+    // stays held), and must not reuse what a volume write may still read.
+    const { meta, files, cleanup } = await freshMetadata('volrep-fail-lease-');
+    cleanups.push(cleanup);
+    const real = files[0];
+    let syncs = 0;
+    const log = {
+      size: real.size,
+      read: (o: number, l: number) => real.read(o, l),
+      write: (o: number, d: Uint8Array) => real.write(o, d),
+      sync: () => (++syncs > 3 ? Promise.reject(new Error('EIO: the log went away')) : real.sync()),
+    };
+    const parked: Done[] = [];
+    const volume = fakeVolume(meta.size, (_o, _d, _l, _f, done: Done) => parked.push(done));
+    const { node, submit } = await openStandaloneNode(
+      { log, bitmap: files[1], pairState: files[2], volume },
+      meta,
+    );
+    const heard: boolean[][] = Array.from({ length: 6 }, () => []);
+    const outcomes = Array.from({ length: 6 }, (_, i) => submit(i * 3 * 65536, (r) => heard[i].push(r)));
+    await waitFor(() => node.failed !== null, 'the node to fail on the log sync');
+    for (const finish of parked.splice(0)) finish(null); // the stuck writes finish after all
+    await Promise.race([Promise.all(outcomes), new Promise((r) => setTimeout(r, 2000))]);
+    await new Promise((r) => setTimeout(r, 50));
+    for (const [i, h] of heard.entries()) assert.equal(h.length, 1, `write ${i} let go of ${h.length} times`);
+    assert.ok(
+      heard.some((h) => h[0] === false),
+      'a write whose volume write was still running is let go of as not reusable',
+    );
     await node.close();
   });
 

@@ -333,10 +333,10 @@ export class SimEnd implements Connection {
   write(buffers: readonly Buffer[], written?: Written): void {
     // After a reset nothing more gets through, though the ends have not heard of it yet (TCP
     // never delivers bytes after a gap).
-    if (this.closed || this.other.closed || this.conn.wasReset) return written?.(true);
+    if (this.closed || this.other.closed || this.conn.wasReset) return written?.();
     // Copied here, so the caller's memory is free at once (the workload then scribbles on it).
     const chunk = Buffer.concat(buffers as Buffer[]);
-    written?.(true);
+    written?.();
     if (chunk.length === 0) return;
     this.conn.network.onSend(this, chunk);
     this.other.inbound.push(chunk);
