@@ -42,6 +42,8 @@ export class ReceiveSlabs {
   /** Slabs read into before `current`: still held, or free for reuse (at most FREE_SLABS_MAX free). */
   private retired: Slab[] = [];
   private readonly byMemory = new Map<ArrayBufferLike, Slab>();
+  /** Every slab made, forgotten ones too (until the collector takes them). */
+  private readonly made = new WeakMap<ArrayBufferLike, Slab>();
   /** Slabs, `current` included, that something holds. */
   private held = 0;
   /** Slabs allocated over the connection's life. */
@@ -114,9 +116,22 @@ export class ReceiveSlabs {
   /** Views of received chunks (a WRITE payload) stay valid until release or abandon. */
   hold(views: readonly Buffer[]): void {
     for (const view of views) {
-      const slab = this.byMemory.get(view.buffer);
+      const slab = this.byMemory.get(view.buffer) ?? this.readopt(view.buffer);
       if (slab !== undefined) this.adjust(slab, +1);
     }
+  }
+
+  /**
+   * A slab let go of (forgotten) in the moment between its last chunk leaving the queue and a view
+   * of it being held (a session drops a chunk before its owner holds the update in it): tracked
+   * again, so that the view counts. Safe: a forgotten slab was never handed out again.
+   */
+  private readopt(memory: ArrayBufferLike): Slab | undefined {
+    const slab = this.made.get(memory);
+    if (slab === undefined) return undefined;
+    this.byMemory.set(memory, slab);
+    this.retired.push(slab);
+    return slab;
   }
 
   release(views: readonly Buffer[]): void {
@@ -179,6 +194,7 @@ export class ReceiveSlabs {
   private track(memory: Buffer): Slab {
     const slab: Slab = { memory, holds: 0, abandoned: false };
     this.byMemory.set(memory.buffer, slab);
+    this.made.set(memory.buffer, slab);
     return slab;
   }
 }
@@ -251,5 +267,14 @@ export function readIntoSlabs(
   };
   fields[kBuffer] = first;
   handle.useUserBuffer(first);
+  // A socket paused before now still has its handle reading (only the stream stopped flowing),
+  // and the read(0) the stream queues after this 'data' event (maybeReadMore, a tick behind)
+  // would start it again: reading into user memory, only a pause() from here on stops the handle,
+  // so pause it again once that has run (found in review).
+  process.nextTick(() =>
+    process.nextTick(() => {
+      if (socket.readableFlowing === false && !socket.destroyed) socket.pause();
+    }),
+  );
   return true;
 }

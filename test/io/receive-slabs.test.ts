@@ -115,6 +115,30 @@ describe('receive slabs', () => {
     assert.ok(slabs.kept <= FREE_SLABS_MAX + 1, `${slabs.kept} slabs kept once nothing holds them`);
   });
 
+  it('counts a view held right after its slab was let go (a chunk dropped before the update in it is held)', () => {
+    const slabs = bulkSlabs();
+    const held: Buffer[] = [];
+    for (let i = 0; i < FREE_SLABS_MAX + 6; i++) held.push(...fillSlab(slabs));
+    const last = held.slice(-4); // chunks of one of the last slabs filled
+    for (const c of held.slice(0, -4)) slabs.dropChunk(c);
+    // The queue drops the last chunks of a slab (over the bound of free slabs: let go of), then
+    // the owner holds an update's data in it.
+    const update = [last[1].subarray(10, 20)];
+    for (const c of last) slabs.dropChunk(c);
+    slabs.hold(update);
+    assert.equal(slabs.heldBytes, SLAB_BYTES, 'the view held counts');
+    // Its slab is not handed out again while held.
+    const reads: Buffer[] = [];
+    for (let i = 0; i < FREE_SLABS_MAX + 4; i++) reads.push(...fillSlab(slabs));
+    assert.ok(
+      reads.every((r) => r.buffer !== update[0].buffer),
+      'a held slab is not read into',
+    );
+    slabs.release(update);
+    for (const r of reads) slabs.dropChunk(r);
+    assert.equal(slabs.heldBytes, 0);
+  });
+
   it('keeps at most FREE_SLABS_MAX free slabs besides the one in use', () => {
     const slabs = bulkSlabs();
     // Hold many slabs at once, then let them all go.

@@ -94,5 +94,53 @@ for (const transport of ['plaintext', 'TLS'] as const) {
         server.close();
       }
     });
+
+    it('stays paused when the owner pauses before the switch (in the very first chunk)', async () => {
+      let got = 0;
+      let connection: Connection | undefined;
+      let first = true;
+      const onSocket = (socket: net.Socket) => {
+        connection = socketConnection(socket, {
+          open: () => {},
+          data: (chunk) => {
+            got += chunk.length;
+            memory?.dropChunk(chunk);
+            if (first) connection!.pause(); // before the connection switches, after this chunk
+            first = false;
+          },
+          close: () => {},
+        });
+        memory = connection.receiveIntoSlabs?.();
+      };
+      let memory: ReceiveSlabs | undefined;
+      const server =
+        transport === 'TLS'
+          ? tls.createServer({ key: pem.key, cert: pem.cert, minVersion: 'TLSv1.3' }, onSocket)
+          : net.createServer(onSocket);
+      await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+      const { port } = server.address() as AddressInfo;
+      const client =
+        transport === 'TLS'
+          ? tls.connect({ host: '127.0.0.1', port, rejectUnauthorized: false })
+          : net.connect({ host: '127.0.0.1', port });
+      await new Promise<void>((resolve) =>
+        client.once(transport === 'TLS' ? 'secureConnect' : 'connect', resolve),
+      );
+      try {
+        client.write(Buffer.alloc(100)); // the first chunk alone
+        for (let i = 0; i < 100 && got === 0; i++) await sleep(10);
+        const total = 100 + 32 * 1024 * 1024;
+        client.write(randomBytes(total - 100));
+        await sleep(300);
+        assert.ok(got < 16 * 1024 * 1024, `${got} bytes delivered while paused`);
+        connection!.resume();
+        for (let i = 0; i < 200 && got < total; i++) await sleep(20);
+        assert.equal(got, total, 'all of it once resumed');
+        assert.equal(connection!.readsIntoSlabs, true);
+      } finally {
+        client.destroy();
+        server.close();
+      }
+    });
   });
 }
