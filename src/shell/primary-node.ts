@@ -279,8 +279,8 @@ export class PrimaryNode {
    * One transaction: `done` once every write is on the volume (durable with `fua`; in sync mode
    * while connected, also written by the secondary, and durable there with `fua`). Throws
    * VOLREP_ERR_REQUEST for a write the engine cannot take (out of range, too large), before
-   * anything happens (`released` is then not called). Otherwise `released` is called once, when
-   * the node reads the data no more: the volume writes are done and the updates sent or dropped —
+   * anything happens. `released` is called once in every case (before that throw too), when the
+   * node reads the data no more: the volume writes are done and the updates sent or dropped —
    * often after `done`, since an update may go out after its write completed.
    */
   submit(writes: readonly NodeWrite[], options: TransactionOptions, done: Done, released?: Released): void {
@@ -293,7 +293,12 @@ export class PrimaryNode {
       length: w.length,
       kind: w.kind,
     }));
-    this.engine.checkTransaction(requests);
+    try {
+      this.engine.checkTransaction(requests);
+    } catch (err) {
+      released?.(true); // refused before anything read the data
+      throw err;
+    }
     // The first write while not in step with the secondary starts a generation of its own
     // (DESIGN.md §7), durable before any such write: held until then.
     if (this.heldWrites === undefined && this.pair.generations.base === null && !this.session?.inStep())
@@ -303,7 +308,8 @@ export class PrimaryNode {
       return;
     }
     const txId = this.engine.submitTransaction(requests, this.opts.clock.now(), options);
-    const dataWrites = writes.filter((w) => w.kind === 'data').length;
+    let dataWrites = 0;
+    for (const w of writes) if (w.kind === 'data') dataWrites++;
     this.txs.set(txId, {
       data: writes.map((w) => (w.kind === 'data' ? (w.data ?? []) : null)),
       lease: released && new DataLease(dataWrites, released, this.leases),

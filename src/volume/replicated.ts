@@ -273,21 +273,9 @@ export class Transaction {
       released?.(true);
       return done(null);
     }
-    // Refused before anything read the data (a throw), unless the node already let go of it.
-    let handedBack = false;
     try {
-      this.volume.node.submit(
-        this.writes,
-        options,
-        done,
-        released &&
-          ((reusable) => {
-            handedBack = true;
-            released(reusable);
-          }),
-      );
+      this.volume.node.submit(this.writes, options, done, released); // lets go of the data in every case
     } catch (err) {
-      if (!handedBack) released?.(true);
       done(err as Error);
     }
   }

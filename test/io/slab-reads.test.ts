@@ -24,6 +24,27 @@ before(async () => {
 
 const digest = (b: Buffer) => createHash('sha256').update(b).digest('hex');
 
+/** A server on loopback whose accepted sockets go to `onSocket`, and a client connected to it. */
+async function connected(
+  transport: 'plaintext' | 'TLS',
+  onSocket: (socket: net.Socket) => void,
+): Promise<{ server: net.Server; client: net.Socket }> {
+  const server =
+    transport === 'TLS'
+      ? tls.createServer({ key: pem.key, cert: pem.cert, minVersion: 'TLSv1.3' }, onSocket)
+      : net.createServer(onSocket);
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const { port } = server.address() as AddressInfo;
+  const client =
+    transport === 'TLS'
+      ? tls.connect({ host: '127.0.0.1', port, rejectUnauthorized: false })
+      : net.connect({ host: '127.0.0.1', port });
+  await new Promise<void>((resolve) =>
+    client.once(transport === 'TLS' ? 'secureConnect' : 'connect', resolve),
+  );
+  return { server, client };
+}
+
 for (const transport of ['plaintext', 'TLS'] as const) {
   describe(`an accepted ${transport} connection asked to read into slabs`, () => {
     it('delivers every byte in order, through a pause, from reused slabs', async () => {
@@ -47,19 +68,7 @@ for (const transport of ['plaintext', 'TLS'] as const) {
         });
         memory = connection.receiveIntoSlabs?.();
       };
-      const server =
-        transport === 'TLS'
-          ? tls.createServer({ key: pem.key, cert: pem.cert, minVersion: 'TLSv1.3' }, onSocket)
-          : net.createServer(onSocket);
-      await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-      const { port } = server.address() as AddressInfo;
-      const client =
-        transport === 'TLS'
-          ? tls.connect({ host: '127.0.0.1', port, rejectUnauthorized: false })
-          : net.connect({ host: '127.0.0.1', port });
-      await new Promise<void>((resolve) =>
-        client.once(transport === 'TLS' ? 'secureConnect' : 'connect', resolve),
-      );
+      const { server, client } = await connected(transport, onSocket);
       try {
         const sent: Buffer[] = [];
         const send = async (bytes: number) => {
@@ -113,19 +122,7 @@ for (const transport of ['plaintext', 'TLS'] as const) {
         memory = connection.receiveIntoSlabs?.();
       };
       let memory: ReceiveSlabs | undefined;
-      const server =
-        transport === 'TLS'
-          ? tls.createServer({ key: pem.key, cert: pem.cert, minVersion: 'TLSv1.3' }, onSocket)
-          : net.createServer(onSocket);
-      await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-      const { port } = server.address() as AddressInfo;
-      const client =
-        transport === 'TLS'
-          ? tls.connect({ host: '127.0.0.1', port, rejectUnauthorized: false })
-          : net.connect({ host: '127.0.0.1', port });
-      await new Promise<void>((resolve) =>
-        client.once(transport === 'TLS' ? 'secureConnect' : 'connect', resolve),
-      );
+      const { server, client } = await connected(transport, onSocket);
       try {
         client.write(Buffer.alloc(100)); // the first chunk alone
         for (let i = 0; i < 100 && got === 0; i++) await sleep(10);
